@@ -1,0 +1,41 @@
+# The README's commands. Everything installs itself: `make demo` and `make test` on a fresh clone.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo figures lint format benchmarks clean
+
+install: $(STAMP)
+
+# Re-runs only when pyproject.toml changes, so a second `make test` takes seconds.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m ipykernel install --sys-prefix --name streaming-repro --display-name "streaming-repro"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest
+
+demo: install
+	$(PY) -m repro run params/demo.yaml params/demo-half.yaml
+	$(PY) -m repro.figures --summary figures
+
+figures: install
+	$(PY) -m repro run params/demo.yaml params/demo-half.yaml --only 05,06,07 --force
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+benchmarks: install
+	$(PY) benchmarks/streaming.py
+
+clean:
+	rm -rf runs
