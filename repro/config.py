@@ -48,6 +48,7 @@ class RunSettings:
     num_workers: int = 4  # data-loading / preparation worker processes (our choice)
     mixed_precision: bool = True  # autocast + GradScaler, used only on CUDA (authors' code)
     channels_last: bool = True  # used only on CUDA
+    torch_threads: int = 0  # CPU threads per process for torch; 0 = torch's default (our choice)
 
 
 @dataclass
@@ -63,6 +64,7 @@ class DataSettings:
     input_size: int = 16384  # pad / centre-crop to this square size (paper)
     tissue_saturation: float = 0.07  # HSV saturation above which a pixel is tissue (our choice)
     tissue_min_object_px: int = 64  # smaller tissue specks are removed, at 1/32 scale (our choice)
+    tissue_downsample: int = 32  # tissue mask at 1/32 of target_mpp (authors' code; our choice)
     synthetic_images: int = 0  # synthetic set only: number of biopsies generated
     synthetic_size: int = 2048  # synthetic set only: level-0 width of a generated slide (px)
 
@@ -117,6 +119,9 @@ class TrainSettings:
     window: int = 5  # moving average of the tuning loss over this many epochs
     oversample_negatives: bool = True
     calibrate_batchnorm_images: int = 0  # >0: estimate frozen-BN stats from this many images
+    checkpoint_every: int = 25  # also save checkpoints/last.pt every N optimiser steps (our choice)
+    optimizer: Literal["sgd", "adam"] = "sgd"  # paper: SGD; adam: our choice for CPU demos
+    epoch_images: int | None = None  # None: the sampler's whole epoch; N: its first N (CPU demos)
 
 
 @dataclass
@@ -137,7 +142,8 @@ class MILSettings:
     stage2_epochs: int = 100
     window: int = 5
     oversample_negatives: bool = True
-    calibrate_batchnorm_images: int = 0
+    calibrate_batchnorm_images: int = 0  # >0: frozen-BN stats from all patches of this many images
+    optimizer: Literal["sgd", "adam"] = "sgd"  # paper: SGD; adam: our choice for CPU demos
 
 
 @dataclass
@@ -148,7 +154,9 @@ class EvaluationSettings:
     smoothgrad_samples: int = 25
     smoothgrad_noise: float = 0.05  # noise std as a fraction of the image-wide std
     heatmap_examples: int = 3  # correct predictions shown in the Fig. 6 equivalent (our choice)
+    heatmap_size: int = 1024  # longest side (px) of thumbnails and heatmaps (our choice)
     figures_dir: str = "figures"
+    labels_dir: str = "labels"  # manual error labels, <labels_dir>/<experiment>.csv (our choice)
 
 
 @dataclass
@@ -441,6 +449,10 @@ def _check_values(params: Params) -> list[str]:
             f"{section}.calibrate_batchnorm_images",
             "must be >= 0",
         )
+    require(params.train.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
+    require(params.run.torch_threads >= 0, "run.torch_threads", "must be >= 0")
+    epoch_images = params.train.epoch_images
+    require(epoch_images is None or epoch_images >= 1, "train.epoch_images", "must be >= 1")
     stride = stream_stride(params)
     tile = params.streaming.tile_size
     require(
@@ -485,6 +497,7 @@ def _check_values(params: Params) -> list[str]:
         params.evaluation.smoothgrad_samples >= 1, "evaluation.smoothgrad_samples", "must be >= 1"
     )
     require(params.evaluation.smoothgrad_noise >= 0, "evaluation.smoothgrad_noise", "must be >= 0")
+    require(params.evaluation.heatmap_size >= 16, "evaluation.heatmap_size", "must be >= 16")
     require(params.run.num_workers >= 0, "run.num_workers", "must be >= 0")
     require(
         re.fullmatch(r"auto|cpu|cuda(:\d+)?", params.run.device) is not None,

@@ -1,0 +1,88 @@
+"""Time per SmoothGrad sample through the streaming engine, at a few image sizes (issue 7).
+
+One sample is a noisy copy of the image, a streamed forward pass and a streamed backward pass to
+the input (:func:`repro.saliency.smoothgrad`); the running mean lives on the CPU. Each size runs
+in a fresh subprocess so its peak memory is its own: on CUDA ``torch.cuda.max_memory_allocated``
+(the device budget, which must hold the float input and its gradient, 2 x 3 x H x W x 4 bytes,
+plus one tile's activations), on CPU the peak RSS.
+
+Examples::
+
+    python benchmarks/smoothgrad.py                           # CPU: 512, 1024, 2048 px
+    python benchmarks/smoothgrad.py --device cuda --sizes 4096 8192 16384 --tile-size 2800
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+GIB = 2**30
+
+
+def _worker(spec: dict) -> dict:
+    import torch
+
+    from repro.models import build_streaming_resnet
+    from repro.saliency import smoothgrad
+
+    torch.manual_seed(0)
+    device = torch.device(spec["device"])
+    model = build_streaming_resnet(spec["arch"], weights=None, tile_size=spec["tile"]).to(device)
+    size = spec["size"]
+    image = torch.randint(0, 256, (3, size, size), dtype=torch.uint8)
+    smoothgrad(model, image[:, : min(size, 512), : min(size, 512)], n_samples=1)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = smoothgrad(model, image, n_samples=spec["samples"], noise=0.05, seed=0)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    row = dict(spec, seconds_per_sample=seconds / spec["samples"])
+    row["tiles"] = len(model.streamed.plan((1, 3, size, size)).tiles)
+    if device.type == "cuda":
+        row["peak_device_gib"] = torch.cuda.max_memory_allocated() / GIB
+    row["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+    row["finite"] = bool(torch.isfinite(result).all())
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
+    parser.add_argument("--tile-size", type=int, default=640, help="paper: 2800")
+    parser.add_argument("--arch", default="resnet34")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--samples", type=int, default=2, help="timed samples per size")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(_worker(json.loads(args.worker))))
+        return 0
+    print(f"# {platform.node()} {platform.processor() or platform.machine()}, device {args.device}")
+    for size in args.sizes:
+        spec = {
+            "size": size,
+            "tile": args.tile_size,
+            "arch": args.arch,
+            "device": args.device,
+            "samples": args.samples,
+        }
+        cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            print(json.dumps(dict(spec, error=done.stderr.strip().splitlines()[-1:])))
+            continue
+        print(done.stdout.strip().splitlines()[-1], flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

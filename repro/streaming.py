@@ -1,0 +1,652 @@
+"""Streaming: exact tiled forward and backward passes of fully convolutional modules.
+
+Streaming (Pinckaers et al., "Streaming convolutional neural networks for end-to-end learning
+with multi-megapixel images", used in Pinckaers et al. 2021, Sec. IV-A2) computes the output of
+the first layers of a CNN tile by tile, so that only one tile's activations are in memory, and
+stitches the tiles' outputs into the full feature map. The backward pass recomputes each tile with
+gradients on (gradient checkpointing) and backpropagates that tile's slice of the output gradient.
+The result equals the untiled computation up to floating-point summation order.
+
+The tiling is derived from the module itself: each supported layer maps an output position ``o``
+to the input window ``[o * stride - left, o * stride + right]``. A tile's input crop starts at a
+multiple of the stride (so its outputs lie on the image's output grid) and carries enough margin
+that the outputs kept from it never see the zero padding of the crop's inner edges. Inside a tile,
+every layer's output is cut to the region the following layers need. See docs/streaming.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.ops import FrozenBatchNorm2d
+
+logger = logging.getLogger(__name__)
+
+Range = tuple[int, int]
+
+_POINTWISE = (
+    nn.Identity,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Softplus,
+    FrozenBatchNorm2d,
+)
+_WHOLE_MAP = (
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.Linear,
+    nn.Flatten,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.InstanceNorm2d,
+)
+
+
+@dataclass(frozen=True)
+class AxisGeometry:
+    """How a module maps one spatial axis.
+
+    Output position ``o`` reads input positions ``[o * stride - left, o * stride + right]``; an
+    input of length ``n`` gives ``(n - 1 + shift) // stride + 1`` outputs (PyTorch's floor rule).
+    """
+
+    stride: int = 1
+    left: int = 0
+    right: int = 0
+    shift: int = 0
+
+    def then(self, nxt: AxisGeometry) -> AxisGeometry:
+        """The geometry of this module followed by ``nxt``."""
+        s = self.stride
+        return AxisGeometry(
+            s * nxt.stride,
+            self.left + s * nxt.left,
+            self.right + s * nxt.right,
+            self.shift + s * nxt.shift,
+        )
+
+    def out_len(self, n: int) -> int:
+        """Output length for an input of length ``n``."""
+        return (n - 1 + self.shift) // self.stride + 1
+
+    def needs(self, lo: int, hi: int, n: int) -> Range:
+        """Input range that outputs ``[lo, hi)`` read; the start may be negative (padding)."""
+        return lo * self.stride - self.left, min(n, (hi - 1) * self.stride + self.right + 1)
+
+
+def _aligned(start: int, step: int) -> int:
+    """``start`` rounded down to a multiple of ``step``, at least 0: where a crop may begin."""
+    return max(0, start // step * step)
+
+
+def _conv_like(kernel, stride, padding, dilation) -> tuple[AxisGeometry, AxisGeometry]:
+    pair = nn.modules.utils._pair
+    return tuple(
+        AxisGeometry(s, p, d * (k - 1) - p, 2 * p - d * (k - 1))
+        for k, s, p, d in zip(
+            pair(kernel), pair(stride), pair(padding), pair(dilation), strict=True
+        )
+    )
+
+
+@dataclass(frozen=True)
+class _Node:
+    """A module with its (rows, cols) geometry; ``children`` set for an ``nn.Sequential``."""
+
+    module: nn.Module
+    name: str
+    geometry: tuple[AxisGeometry, AxisGeometry]
+    children: tuple[_Node, ...] = ()
+
+
+def _unsupported(name: str, module: nn.Module, why: str) -> ValueError:
+    return ValueError(f"cannot stream layer '{name or 'root'}' ({type(module).__name__}): {why}")
+
+
+def _leaf_geometry(module: nn.Module, name: str) -> tuple[AxisGeometry, AxisGeometry]:
+    """Geometry of a single layer, or a ValueError naming it and saying why it cannot be tiled."""
+    if isinstance(module, _POINTWISE) or getattr(module, "streaming_pointwise", False):
+        return AxisGeometry(), AxisGeometry()
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if module.training or module.running_mean is None:
+            raise _unsupported(
+                name,
+                module,
+                "batch norm that uses batch statistics normalises each tile with that tile's "
+                "statistics, not the image's; put it in eval mode (frozen batch norm)",
+            )
+        return AxisGeometry(), AxisGeometry()
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        if module.training and module.p > 0:
+            raise _unsupported(
+                name, module, "dropout in training mode draws different masks per tile"
+            )
+        return AxisGeometry(), AxisGeometry()
+    if isinstance(module, nn.Conv2d):
+        if module.padding_mode != "zeros":
+            raise _unsupported(name, module, f"padding_mode={module.padding_mode!r}; only 'zeros'")
+        if module.padding == "same":
+            if any(s != 1 for s in module.stride):
+                raise _unsupported(name, module, "padding='same' with stride > 1")
+            return tuple(
+                AxisGeometry(1, d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2, 0)
+                for k, d in zip(module.kernel_size, module.dilation, strict=True)
+            )
+        padding = 0 if module.padding == "valid" else module.padding
+        return _conv_like(module.kernel_size, module.stride, padding, module.dilation)
+    if isinstance(module, nn.MaxPool2d | nn.AvgPool2d):
+        if module.ceil_mode:
+            raise _unsupported(name, module, "ceil_mode=True; use ceil_mode=False")
+        if getattr(module, "return_indices", False):
+            raise _unsupported(name, module, "return_indices=True")
+        dilation = getattr(module, "dilation", 1)
+        return _conv_like(module.kernel_size, module.stride, module.padding, dilation)
+    if isinstance(module, _WHOLE_MAP):
+        raise _unsupported(
+            name, module, "its output depends on the whole feature map, not a window"
+        )
+    raise _unsupported(
+        name,
+        module,
+        "unknown to the streaming engine (supported: Conv2d, MaxPool2d, AvgPool2d, eval-mode "
+        "BatchNorm2d, pointwise activations, Dropout in eval mode, nn.Sequential and torchvision "
+        "BasicBlock/Bottleneck; a per-pixel module may set streaming_pointwise = True)",
+    )
+
+
+def _chain(nodes: Sequence[_Node]) -> tuple[AxisGeometry, AxisGeometry]:
+    rows, cols = AxisGeometry(), AxisGeometry()
+    for node in nodes:
+        rows, cols = rows.then(node.geometry[0]), cols.then(node.geometry[1])
+    return rows, cols
+
+
+def _residual(block: nn.Module, name: str, main: Sequence[str]) -> _Node:
+    """A residual block: a main branch and a shortcut whose outputs are added."""
+    branch = _chain([_analyze(getattr(block, part), f"{name}.{part}") for part in main])
+    shortcut = (AxisGeometry(), AxisGeometry())
+    if block.downsample is not None:
+        shortcut = _analyze(block.downsample, f"{name}.downsample").geometry
+    geometry = []
+    for a, b in zip(branch, shortcut, strict=True):
+        if (a.stride, a.shift) != (b.stride, b.shift):
+            raise _unsupported(name, block, "its branches differ in stride or output size")
+        geometry.append(AxisGeometry(a.stride, max(a.left, b.left), max(a.right, b.right), a.shift))
+    return _Node(block, name, tuple(geometry))
+
+
+def _analyze(module: nn.Module, name: str = "") -> _Node:
+    """The geometry tree of ``module``; raises ValueError for a layer that cannot be tiled."""
+    if type(module) is nn.Sequential:
+        children = tuple(
+            _analyze(child, f"{name}.{key}" if name else key)
+            for key, child in module.named_children()
+        )
+        return _Node(module, name, _chain(children), children)
+    if type(module) is BasicBlock:
+        return _residual(module, name, ("conv1", "bn1", "relu", "conv2", "bn2"))
+    if type(module) is Bottleneck:
+        return _residual(module, name, ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu"))
+    return _Node(module, name, _leaf_geometry(module, name))
+
+
+def _lengths(node: _Node, axis: int, n: int) -> list[int]:
+    """Input length of each child of a sequential node, then its output length."""
+    lengths = [n]
+    for child in node.children:
+        lengths.append(child.geometry[axis].out_len(lengths[-1]))
+    return lengths
+
+
+def _child_needs(node: _Node, axis: int, lo: int, hi: int, n: int, align: int):
+    """For a sequential node: the input range of each child, then (lo, hi); and each child's
+    alignment, the stride of the layers after it."""
+    lengths = _lengths(node, axis, n)
+    ranges, aligns = [(lo, hi)], []
+    for child, n_in in zip(reversed(node.children), reversed(lengths[:-1]), strict=True):
+        aligns.insert(0, align)
+        ranges.insert(0, _needs(child, axis, *ranges[0], n_in))
+        align *= child.geometry[axis].stride
+    return ranges, aligns
+
+
+def _needs(node: _Node, axis: int, lo: int, hi: int, n: int) -> Range:
+    """Input range (of an input of length ``n``) that outputs ``[lo, hi)`` read.
+
+    The start is exact, before alignment: a crop starts at ``_aligned(start, stride * align)``
+    with the total stride of the node and of the layers after it, so that every layer's input
+    lies on the image's grid while the input crop's margin is rounded up only once.
+    """
+    if not node.children:
+        return node.geometry[axis].needs(lo, hi, n)
+    return _child_needs(node, axis, lo, hi, n, 1)[0][0]
+
+
+def _run(
+    node: _Node,
+    x: torch.Tensor,
+    origin: tuple[int, int],
+    size: tuple[int, int],
+    target: tuple[Range, Range],
+    align: tuple[int, int] = (1, 1),
+) -> torch.Tensor:
+    """Output rows/cols ``target`` of ``node`` (starts aligned by ``align``) from its input ``x``.
+
+    ``x`` holds the input from ``origin`` on; ``size`` is the node's full input size. Every
+    layer's output is cut to what the next layers need, so invalid borders (which saw the crop's
+    zero padding) never reach the kept region.
+    """
+    if node.children:
+        plans = [_child_needs(node, a, *target[a], size[a], align[a]) for a in (0, 1)]
+        lengths = [_lengths(node, a, size[a]) for a in (0, 1)]
+        for i, child in enumerate(node.children):
+            sub = (plans[0][0][i + 1], plans[1][0][i + 1])
+            sub_align = (plans[0][1][i], plans[1][1][i])
+            x = _run(child, x, origin, (lengths[0][i], lengths[1][i]), sub, sub_align)
+            origin = tuple(_aligned(sub[a][0], sub_align[a]) for a in (0, 1))
+        return x
+    strides = [node.geometry[a].stride for a in (0, 1)]
+    crops = [node.geometry[a].needs(*target[a], size[a]) for a in (0, 1)]
+    starts = [_aligned(crops[a][0], strides[a] * align[a]) for a in (0, 1)]
+    rows, cols = (slice(starts[a] - origin[a], crops[a][1] - origin[a]) for a in (0, 1))
+    y = node.module(x[..., rows, cols])
+    keep = [_aligned(target[a][0], align[a]) - starts[a] // strides[a] for a in (0, 1)]
+    ends = [target[a][1] - starts[a] // strides[a] for a in (0, 1)]
+    return y[..., keep[0] : ends[0], keep[1] : ends[1]]
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile: input crop ``rows`` x ``cols`` produces output ``out_rows`` x ``out_cols``."""
+
+    rows: Range
+    cols: Range
+    out_rows: Range
+    out_cols: Range
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """The tiles of one input size, in the order they are computed (row-major)."""
+
+    input_size: tuple[int, int]
+    output_size: tuple[int, int]
+    stride: tuple[int, int]
+    margin: tuple[int, int]
+    tiles: tuple[Tile, ...]
+
+    @property
+    def coverage(self) -> float:
+        """Input pixels computed in all tiles divided by the image's pixels."""
+        area = sum((t.rows[1] - t.rows[0]) * (t.cols[1] - t.cols[0]) for t in self.tiles)
+        return area / (self.input_size[0] * self.input_size[1])
+
+
+def _margin(node: _Node, axis: int) -> int:
+    """Crop length beyond ``count * stride`` for an interior tile of ``count`` outputs."""
+    n = 1 << 40
+    mid = node.geometry[axis].out_len(n) // 2
+    stride = node.geometry[axis].stride
+    lo, hi = _needs(node, axis, mid, mid + 1, n)
+    return hi - _aligned(lo, stride) - stride
+
+
+def _axis_tiles(node: _Node, axis: int, n: int, tile: int) -> list[tuple[Range, Range]]:
+    """Balanced (input crop, output range) pairs along one axis."""
+    m = node.geometry[axis].out_len(n)
+    if m < 1:
+        raise ValueError(f"input size {n} is too small for this module: its output would be empty")
+    stride, margin = node.geometry[axis].stride, _margin(node, axis)
+    count = (tile - margin) // stride
+    if count < 1:
+        last = node.children[-1].name if node.children else node.name or "root"
+        raise ValueError(
+            f"tile_size={tile} is smaller than the receptive-field margin {margin} px of the "
+            f"streamed module (up to '{last}', stride {stride}): tile_size must be at least "
+            f"{margin + stride}, and several times that to avoid mostly recomputing margins"
+        )
+    k = math.ceil(m / count)
+    bounds = [m * i // k for i in range(k + 1)]
+    crops = [_needs(node, axis, a, b, n) for a, b in itertools.pairwise(bounds)]
+    return [
+        ((_aligned(lo, stride), hi), out)
+        for (lo, hi), out in zip(crops, itertools.pairwise(bounds), strict=True)
+    ]
+
+
+def _plan(node: _Node, size: tuple[int, int], tile_size: tuple[int, int]) -> TilePlan:
+    rows = _axis_tiles(node, 0, size[0], tile_size[0])
+    cols = _axis_tiles(node, 1, size[1], tile_size[1])
+    tiles = tuple(Tile(r, c, ro, co) for r, ro in rows for c, co in cols)
+    out = tuple(node.geometry[a].out_len(size[a]) for a in (0, 1))
+    stride = tuple(node.geometry[a].stride for a in (0, 1))
+    return TilePlan(size, out, stride, (_margin(node, 0), _margin(node, 1)), tiles)
+
+
+def _float_dtype(module: nn.Module) -> torch.dtype:
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.get_default_dtype()
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+class _Tiler:
+    """Crops, converts and runs the tiles of one forward call."""
+
+    def __init__(self, root: _Node, plan: TilePlan, dtype: torch.dtype, blank_margin: int):
+        self.root, self.plan, self.dtype, self.blank_margin = root, plan, dtype, blank_margin
+
+    def tile_input(self, x: torch.Tensor, tile: Tile, requires_grad: bool = False) -> torch.Tensor:
+        """The tile's input crop; integer images become floats in [0, 1] of the module's dtype."""
+        crop = x[..., tile.rows[0] : tile.rows[1], tile.cols[0] : tile.cols[1]]
+        if not crop.is_floating_point():
+            crop = crop.to(self.dtype).div_(torch.iinfo(x.dtype).max)
+        if self.blank_margin:  # test hook: pretend the crop's inner bottom/right edge is short
+            crop = crop.clone()
+            if tile.rows[1] < self.plan.input_size[0]:
+                crop[..., -self.blank_margin :, :] = 0
+            if tile.cols[1] < self.plan.input_size[1]:
+                crop[..., -self.blank_margin :] = 0
+        return crop.detach().requires_grad_(requires_grad)
+
+    def run(self, crop: torch.Tensor, tile: Tile) -> torch.Tensor:
+        origin = (tile.rows[0], tile.cols[0])
+        return _run(self.root, crop, origin, self.plan.input_size, (tile.out_rows, tile.out_cols))
+
+    def forward(self, x: torch.Tensor, keep_grad: bool | None = None):
+        """All tiles, stitched into the full output map; ``(map, kept)``.
+
+        Tiles run without autograd, except the last one when ``keep_grad`` is not None: it runs
+        with autograd (input gradient if ``keep_grad``) and ``kept`` is its (input, output), so
+        that the backward pass need not recompute it.
+        """
+        out, kept, last = None, None, len(self.plan.tiles) - 1
+        for i, tile in enumerate(self.plan.tiles):
+            with torch.set_grad_enabled(i == last and keep_grad is not None):
+                crop = self.tile_input(x, tile, requires_grad=i == last and bool(keep_grad))
+                y = self.run(crop, tile)
+            if y.requires_grad:
+                kept, y = (crop, y), y.detach()
+            if out is None:
+                shape = (*y.shape[:-2], *self.plan.output_size)
+                out = torch.empty(
+                    shape, dtype=y.dtype, device=y.device, memory_format=_memory_format(x)
+                )
+            out[..., slice(*tile.out_rows), slice(*tile.out_cols)] = y
+        return out, kept
+
+
+def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
+    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+class _StreamFunction(torch.autograd.Function):
+    """Tiled forward without stored activations; tiled recompute-and-backpropagate backward."""
+
+    @staticmethod
+    def forward(ctx, tiler: _Tiler, keep_last: bool, x: torch.Tensor, *params) -> torch.Tensor:
+        ctx.tiler = tiler
+        ctx.autocast = _autocast_state(x.device.type)
+        ctx.save_for_backward(x, *params)
+        out, ctx.kept = tiler.forward(x, keep_grad=x.requires_grad if keep_last else None)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        x, *params = ctx.saved_tensors
+        tiler: _Tiler = ctx.tiler
+        kept, ctx.kept = ctx.kept, None
+        input_grad = ctx.needs_input_grad[2]
+        grad_x = torch.zeros_like(x) if input_grad else None
+        grads: list[torch.Tensor | None] = [None] * len(params)
+        enabled, dtype = ctx.autocast
+        for tile in reversed(tiler.plan.tiles):
+            if kept is not None:
+                (crop, y), kept = kept, None
+            else:
+                with torch.enable_grad(), torch.autocast(x.device.type, dtype, enabled):
+                    crop = tiler.tile_input(x, tile, requires_grad=input_grad)
+                    y = tiler.run(crop, tile)
+            g = grad_out[..., slice(*tile.out_rows), slice(*tile.out_cols)]
+            inputs = [*params, crop] if input_grad else params
+            tile_grads = torch.autograd.grad(y, inputs, g, allow_unused=True)
+            for i, tg in enumerate(tile_grads[: len(params)]):
+                if tg is not None:
+                    grads[i] = tg if grads[i] is None else grads[i].add_(tg)
+            if input_grad:
+                grad_x[..., slice(*tile.rows), slice(*tile.cols)] += tile_grads[-1]
+        return None, None, grad_x, *grads
+
+
+class StreamingModule(nn.Module):
+    """Runs a fully convolutional ``module`` tile by tile, exactly.
+
+    ``forward(x)`` returns what ``module(x)`` returns for ``x`` of shape (N, C, H, W), any H and W,
+    while only one tile's activations are alive. Backward recomputes each tile with gradients and
+    accumulates the gradients of the trainable parameters and, when ``x.requires_grad``, of the
+    input. With nothing to differentiate (frozen parameters, no input gradient, or grad mode off)
+    the tiles simply run without autograd. Integer inputs (uint8 images) are converted per tile to
+    floats in [0, 1] of the module's dtype, like torchvision's ``to_dtype(..., scale=True)``.
+
+    Supported layers: Conv2d (zero padding), MaxPool2d/AvgPool2d (``ceil_mode=False``), BatchNorm2d
+    in eval mode, pointwise activations, Identity, Dropout in eval mode, modules with the class
+    attribute ``streaming_pointwise = True``, nn.Sequential, torchvision BasicBlock/Bottleneck.
+    Tiles inherit the input's memory format (channels_last) and the autocast state.
+
+    Args:
+        module: the fully convolutional module to stream.
+        tile_size: the largest input crop (pixels; int or (rows, cols)) a tile may use, margins
+            included. Change it any time via ``self.tile_size``.
+        keep_last_tile: when gradients are needed, run the last tile of the forward pass with
+            autograd and keep its activations for the backward pass, which then recomputes one
+            tile fewer. Costs one tile's activations while the layers after this module run.
+    """
+
+    def __init__(
+        self, module: nn.Module, tile_size: int | tuple[int, int], *, keep_last_tile: bool = True
+    ):
+        super().__init__()
+        self.module = module
+        self.tile_size = tile_size
+        self.keep_last_tile = keep_last_tile
+        self._blank_margin = 0  # test hook: zero this many inner-edge pixels of each crop
+
+    @property
+    def tile_size(self) -> tuple[int, int]:
+        return self._tile_size
+
+    @tile_size.setter
+    def tile_size(self, value: int | tuple[int, int]) -> None:
+        size = nn.modules.utils._pair(value)
+        if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+            raise ValueError(f"tile_size must be a positive int or a pair of them, got {value!r}")
+        self._tile_size = size
+
+    def plan(self, input_shape: Sequence[int]) -> TilePlan:
+        """The tiles used for an input of shape (..., H, W)."""
+        return _plan(_analyze(self.module), tuple(input_shape[-2:]), self.tile_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"expected a 4D input (N, C, H, W), got shape {tuple(x.shape)}")
+        root = _analyze(self.module)
+        plan = _plan(root, tuple(x.shape[-2:]), self.tile_size)
+        logger.debug(
+            "streaming %s in %d tiles, coverage %.2f",
+            tuple(x.shape),
+            len(plan.tiles),
+            plan.coverage,
+        )
+        tiler = _Tiler(root, plan, _float_dtype(self.module), self._blank_margin)
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        if torch.is_grad_enabled() and (x.requires_grad or params):
+            return _StreamFunction.apply(tiler, self.keep_last_tile, x, *params)
+        with torch.no_grad():
+            return tiler.forward(x)[0]
+
+    def extra_repr(self) -> str:
+        return f"tile_size={self.tile_size}, keep_last_tile={self.keep_last_tile}"
+
+
+def _probe(
+    module: nn.Module, node: _Node, shape: Sequence[int], count: int
+) -> tuple[int, int, int]:
+    """(tile side, saved-activation bytes, output bytes) of a square interior tile.
+
+    The tile has ``count`` x ``count`` outputs; it runs on the meta device, so nothing is computed
+    or allocated.
+    """
+    n = 1 << 20
+    mids = [node.geometry[a].out_len(n) // 2 for a in (0, 1)]
+    target = tuple((m, m + count) for m in mids)
+    crop = [_needs(node, a, *target[a], n) for a in (0, 1)]
+    crop = [(_aligned(lo, node.geometry[a].stride), hi) for a, (lo, hi) in enumerate(crop)]
+    sides = [hi - lo for lo, hi in crop]
+    x = torch.zeros(*shape[:-2], *sides, device="meta", dtype=_float_dtype(module))
+    params = {p.untyped_storage()._cdata for p in module.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage()._cdata
+        if key not in params:
+            saved[key] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = _run(node, x.requires_grad_(), (crop[0][0], crop[1][0]), (n, n), target)
+    activations = sum(saved.values()) + 2 * max(saved.values(), default=0)
+    return max(sides), activations, y.numel() * y.element_size()
+
+
+class _MemoryModel:
+    """Predicts the peak memory of streaming ``module`` over inputs of ``input_shape``."""
+
+    def __init__(self, module: nn.Module, input_shape: Sequence[int], input_dtype, input_grad):
+        if isinstance(module, StreamingModule):
+            module = module.module
+        if len(input_shape) != 4:
+            raise ValueError(f"expected input_shape (N, C, H, W), got {tuple(input_shape)}")
+        self.node = _analyze(module)
+        self.input_shape = tuple(input_shape)
+        meta = copy.deepcopy(module).to("meta")
+        probes = [_probe(meta, _analyze(meta), input_shape, c) for c in (1, 9, 17)]
+        self.sides = [side for side, _, _ in probes]
+        self.activations = [float(b) for _, b, _ in probes]
+        self.out_bytes_per_pixel = probes[0][2]
+        numel = math.prod(input_shape)
+        self.fixed = 3 * sum(p.numel() * p.element_size() for p in module.parameters())
+        self.fixed += numel * input_dtype.itemsize
+        if input_grad:
+            self.fixed += numel * _float_dtype(module).itemsize
+
+    def tile_bytes(self, side: int) -> float:
+        """Quadratic through the three probes (Lagrange form)."""
+        total = 0.0
+        for i, (si, vi) in enumerate(zip(self.sides, self.activations, strict=True)):
+            for j, sj in enumerate(self.sides):
+                if j != i:
+                    vi *= (side - sj) / (si - sj)
+            total += vi
+        return total
+
+    def peak(self, tile_size: int | tuple[int, int]) -> int:
+        plan = _plan(self.node, self.input_shape[-2:], nn.modules.utils._pair(tile_size))
+        side = max(max(t.rows[1] - t.rows[0], t.cols[1] - t.cols[0]) for t in plan.tiles)
+        out_map = 2 * self.out_bytes_per_pixel * math.prod(plan.output_size)
+        return int(self.fixed + out_map + self.tile_bytes(side))
+
+
+def estimate_peak_bytes(
+    module: nn.Module,
+    input_shape: Sequence[int],
+    tile_size: int | tuple[int, int],
+    *,
+    input_dtype: torch.dtype = torch.float32,
+    input_grad: bool = False,
+) -> int:
+    """Predicted peak memory (bytes) of a streamed forward + backward; computed, not measured.
+
+    The activations autograd saves for one tile are counted on the meta device for three square
+    tile sizes and fitted by a quadratic in the tile side (exact for square interior tiles; the
+    largest tile of the plan is taken as square), plus twice the largest saved tensor for the
+    gradients in flight. Added: the parameters with two gradient buffers, the input (in
+    ``input_dtype``), the input gradient if requested, and the output map with its gradient.
+    Assumes all parameters are trainable. Not included: the layers after the streamed part,
+    allocator overhead and workspaces; activations are counted in the module's dtype, so under
+    autocast the estimate is conservative.
+
+    Args:
+        module: a fully convolutional module or a :class:`StreamingModule`.
+        input_shape: (N, C, H, W) of the whole input batch.
+        tile_size: the tile size to predict for.
+        input_dtype: the input's dtype (``torch.uint8`` for images streamed as integers).
+        input_grad: whether the gradient with respect to the input is computed.
+    """
+    return _MemoryModel(module, input_shape, input_dtype, input_grad).peak(tile_size)
+
+
+def plan_tile_size(
+    module: nn.Module,
+    input_shape: Sequence[int],
+    memory_budget_bytes: int,
+    *,
+    input_dtype: torch.dtype = torch.float32,
+    input_grad: bool = False,
+) -> int:
+    """The largest stride-aligned tile size whose forward + backward fits ``memory_budget_bytes``.
+
+    The memory is computed by :func:`estimate_peak_bytes` (a prediction, not a measurement):
+    leave headroom for the layers after the streamed part, the optimiser and allocator overhead.
+    The result is never larger than one tile covering the whole image.
+
+    Raises:
+        ValueError: if even the smallest useful tile is predicted not to fit.
+    """
+    model = _MemoryModel(module, input_shape, input_dtype, input_grad)
+    rows, cols = model.node.geometry
+    if rows.stride != cols.stride:
+        raise ValueError("plan_tile_size needs a module with equal row and column strides")
+    stride, margin = rows.stride, max(_margin(model.node, 0), _margin(model.node, 1))
+    most = max(rows.out_len(input_shape[-2]), cols.out_len(input_shape[-1]))
+
+    def size(count: int) -> int:
+        return -(-(count * stride + margin) // stride) * stride
+
+    if model.peak(size(1)) > memory_budget_bytes:
+        raise ValueError(
+            f"memory_budget_bytes={memory_budget_bytes} is too small: the smallest tile "
+            f"({size(1)} px) is predicted to need {model.peak(size(1))} bytes"
+        )
+    lo, hi = 1, most
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if model.peak(size(mid)) <= memory_budget_bytes else (lo, mid - 1)
+    return size(lo)
