@@ -54,7 +54,7 @@ def _worker(spec: dict) -> dict:
         loss.backward()
         model.zero_grad(set_to_none=True)
 
-    step(min(spec["size"], 1024))  # warm-up: thread pools, kernels
+    step(spec["size"] if cuda else min(spec["size"], 1024))  # warm-up: kernels, allocator
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -94,7 +94,9 @@ def predict_test_set(params: Params, methods=METHODS) -> dict[str, pd.DataFrame]
         method -> DataFrame(image_id, label, score), as written to :func:`predictions_path`.
     """
     from repro.data.splits import load_split
+    from repro.runtime import set_torch_threads
 
+    set_torch_threads(params.run.torch_threads)
     rows = load_split(params, "test")
     results = {}
     for method in methods:

@@ -16,8 +16,9 @@ precision and multi-GPU are shared with the streaming trainer: :class:`MILTraine
 training items are the top-1 patches; :func:`repro.schedule.run_schedule` runs it.
 
 Public: :func:`train_mil`, :func:`predict`, :func:`load_final_model`, :func:`patch_grid`,
-:func:`patch_table`, :class:`PatchDataset`, :func:`score_patches`, :func:`select_top1`,
-:func:`biopsy_scores`; ``python -m repro.mil params/<name>.yaml`` (also under ``torchrun``).
+:func:`patch_table`, :class:`PatchDataset`, :class:`PatchLoader`, :func:`score_patches`,
+:func:`select_top1`, :func:`biopsy_scores`, :func:`patch_score_map`;
+``python -m repro.mil params/<name>.yaml`` (also under ``torchrun``).
 """
 
 from __future__ import annotations
@@ -193,30 +194,38 @@ def patch_table(
     """
     context = context or DistributedContext()
     _require_columns(rows, ["image_id", "label"], "rows")
+    wanted = [str(i) for i in rows["image_id"]]
+    if context.is_main:
+        cached = _cached_grid(params, wanted)
+    barrier(context)
+    if not context.is_main:
+        cached = pd.read_csv(mil_dir(params) / "patches.csv", dtype={"image_id": str})
+    order = pd.DataFrame({"image_id": wanted, "label": rows["label"].astype(int).to_numpy()})
+    table = order.merge(cached, on="image_id", how="left", sort=False)
+    return table[[*PATCH_COLUMNS, "tissue_fraction", "label"]].reset_index(drop=True)
+
+
+def _cached_grid(params: Params, image_ids: Sequence[str]) -> pd.DataFrame:
+    """``patches.csv`` with the grids of ``image_ids`` added where missing."""
     out = mil_dir(params)
     cache_path, key_path = out / "patches.csv", out / "patches.json"
     key = _grid_key(params)
-    cached = pd.DataFrame(columns=[*PATCH_COLUMNS, "tissue_fraction"])
+    columns = [*PATCH_COLUMNS, "tissue_fraction"]
+    cached = pd.DataFrame(columns=columns)
     if cache_path.exists() and key_path.exists() and json.loads(key_path.read_text()) == key:
         cached = pd.read_csv(cache_path, dtype={"image_id": str})
-    wanted = [str(i) for i in rows["image_id"]]
-    missing = sorted(set(wanted) - set(cached["image_id"]))
-    if missing and context.is_main:
+    missing = sorted(set(image_ids) - set(cached["image_id"]))
+    if missing:
+        key_path.unlink(missing_ok=True)  # killed before the key is back: recomputed next time
         computed = [
             patch_grid(params, image_id).assign(image_id=image_id)
             for image_id in tqdm(missing, desc="patch grid", unit="biopsy", leave=False)
         ]
         frames = [cached, *computed] if len(cached) else computed
-        cached = pd.concat(frames, ignore_index=True)[[*PATCH_COLUMNS, "tissue_fraction"]]
+        cached = pd.concat(frames, ignore_index=True)[columns]
         write_text_atomic(cache_path, cached.to_csv(index=False))
         write_text_atomic(key_path, json.dumps(key, indent=2) + "\n")
-    if missing:
-        barrier(context)
-        if not context.is_main:
-            cached = pd.read_csv(cache_path, dtype={"image_id": str})
-    order = pd.DataFrame({"image_id": wanted, "label": rows["label"].astype(int).to_numpy()})
-    table = order.merge(cached, on="image_id", how="left", sort=False)
-    return table[[*PATCH_COLUMNS, "tissue_fraction", "label"]].reset_index(drop=True)
+    return cached
 
 
 def _grid_key(params: Params) -> dict[str, Any]:
@@ -287,11 +296,10 @@ def _require_columns(frame: pd.DataFrame, columns: list[str], name: str) -> None
 class PatchDataset(torch.utils.data.Dataset):
     """Patches of the prepared images, read without decoding the rest of the image.
 
-    An item is ``dict(image=uint8 tensor (3, P, P), label=float32 scalar, image_id=str, x=int,
-    y=int, row=int)`` for a row of ``patches`` (columns image_id, x, y, label). Its key is the row
-    (augmented for the epoch of :meth:`set_epoch`) or ``(row, epoch)``, which carries the epoch
-    with it (``epoch=None``: not augmented) so that worker processes that live over many epochs
-    need no copy of the dataset per epoch (:class:`PatchLoader`).
+    The key of an item is ``(image_id, x, y, epoch)``: the patch whose top-left corner is
+    ``(x, y)`` (prepared-image pixels), augmented for ``epoch`` (``None``: as stored); the item is
+    ``dict(image=uint8 tensor (3, P, P), image_id=str, x=int, y=int)``. Keys carry everything, so
+    one set of worker processes serves every phase of every epoch (:class:`PatchLoader`).
 
     With ``augment`` (and ``augmentation.enabled``), :class:`repro.augment.Augmenter` transforms
     the patch with a generator seeded by (``run.seed``, epoch, image_id, x, y): the inference and
@@ -301,43 +309,27 @@ class PatchDataset(torch.utils.data.Dataset):
     not a white border, and then cropped.
     """
 
-    def __init__(self, params: Params, patches: pd.DataFrame, augment: bool):
-        _require_columns(patches, [*PATCH_COLUMNS, "label"], "patches")
+    def __init__(self, params: Params, augment: bool = True):
         self.params = params
         self.size = params.mil.patch_size
-        self.image_ids = patches["image_id"].astype(str).to_numpy()
-        self.xs = patches["x"].to_numpy(dtype=np.int64)
-        self.ys = patches["y"].to_numpy(dtype=np.int64)
-        self.labels = patches["label"].to_numpy(dtype=np.float32)
         self.augmenter = None
         if augment and params.augmentation.enabled:
             from repro.augment import Augmenter
 
             self.augmenter = Augmenter(params.augmentation)
         self.margin = augmentation_margin(params, self.size) if self.augmenter else 0
-        self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """The epoch whose augmentation items keyed by a row get."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
-    def __getitem__(self, key: int | tuple[int, int | None]) -> dict[str, Any]:
-        row, epoch = key if isinstance(key, tuple) else (key, self.epoch)
-        image_id, x, y = self.image_ids[row], int(self.xs[row]), int(self.ys[row])
-        patch = self.read(image_id, x, y, epoch)
+    def __getitem__(self, key: tuple[str, int, int, int | None]) -> dict[str, Any]:
+        image_id, x, y, epoch = key
+        patch = self.read(image_id, int(x), int(y), epoch)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(patch.transpose(2, 0, 1))),
-            "label": torch.tensor(self.labels[row]),
-            "image_id": image_id,
-            "x": x,
-            "y": y,
-            "row": int(row),
+            "image_id": str(image_id),
+            "x": int(x),
+            "y": int(y),
         }
 
-    def read(self, image_id: str, x: int, y: int, epoch: int | None) -> np.ndarray:
+    def read(self, image_id: str, x: int, y: int, epoch: int | None = None) -> np.ndarray:
         """The patch at ``(x, y)`` as uint8 (P, P, 3), augmented for ``epoch`` (None: not)."""
         from repro.data.dataset import open_prepared, prepared_path
         from repro.data.slides import crop_or_pad, to_numpy
@@ -352,6 +344,14 @@ class PatchDataset(torch.utils.data.Dataset):
             rng = patch_rng(self.params.run.seed, epoch, image_id, x, y)
             patch = self.augmenter(context, rng).crop(margin, margin, size, size)
         return to_numpy(patch, prepared_path(self.params, image_id))
+
+
+def patch_keys(patches: pd.DataFrame, epoch: int | None) -> list[tuple[str, int, int, int | None]]:
+    """:class:`PatchDataset` keys of the rows of ``patches`` (image_id, x, y) in ``epoch``."""
+    return [
+        (str(image_id), int(x), int(y), epoch)
+        for image_id, x, y in patches[PATCH_COLUMNS].itertuples(index=False)
+    ]
 
 
 def augmentation_margin(params: Params, size: int) -> int:
@@ -372,17 +372,17 @@ def patch_rng(seed: int, epoch: int, image_id: str, x: int, y: int) -> np.random
 
 class PatchLoader:
     """Batches of :class:`PatchDataset` items for any list of keys, read by worker processes that
-    live as long as this object.
+    live until :meth:`close` (or until this object is garbage).
 
-    The ``run.num_workers`` workers are spawned once (pyvips and fork do not mix, see
+    The ``num_workers`` workers are spawned once (pyvips and fork do not mix, see
     :mod:`repro.data.dataset`) and serve every phase of every epoch: the keys say which patches
-    to read and for which epoch's augmentation.
+    to read and for which epoch's augmentation. Use as a context manager or call :meth:`close`.
     """
 
     def __init__(self, dataset: PatchDataset, *, num_workers: int = 0, pin_memory: bool = False):
         self.dataset = dataset
         self._feed = _Feed()
-        self.loader = torch.utils.data.DataLoader(
+        self.loader: torch.utils.data.DataLoader | None = torch.utils.data.DataLoader(
             dataset,
             batch_sampler=self._feed,
             num_workers=num_workers,
@@ -393,19 +393,29 @@ class PatchLoader:
 
     def batches(self, keys: Sequence[Any], batch_size: int) -> Iterator[dict[str, Any]]:
         """Collated batches of the items of ``keys``, in order."""
-        self._feed.batches = [
-            list(keys[i : i + batch_size]) for i in range(0, len(keys), batch_size)
-        ]
+        if self.loader is None:
+            raise RuntimeError("this PatchLoader is closed")
+        self._feed.batches = [keys[i : i + batch_size] for i in range(0, len(keys), batch_size)]
         return iter(self.loader)
+
+    def close(self) -> None:
+        """Stop the worker processes (a few seconds while they exit)."""
+        self.loader = None
+
+    def __enter__(self) -> PatchLoader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 class _Feed(torch.utils.data.Sampler):
     """A batch sampler whose batches are replaced before each pass (in the main process)."""
 
     def __init__(self) -> None:
-        self.batches: list[list[Any]] = []
+        self.batches: list[Sequence[Any]] = []
 
-    def __iter__(self) -> Iterator[list[Any]]:
+    def __iter__(self) -> Iterator[Sequence[Any]]:
         return iter(self.batches)
 
     def __len__(self) -> int:
@@ -478,7 +488,8 @@ class MILTrainer(StreamingTrainer):
     and metrics) whose epoch starts with the inference phase over every training patch, and whose
     training items are the top-1 patches, one per training biopsy (the sampler draws biopsies).
     The whole network trains in both stages (Campanella et al. freeze nothing); batch norm stays
-    frozen.
+    frozen. Its :class:`PatchLoader` (``patch_loader``) reads the patches of every phase; close it
+    when done.
 
     Args:
         model: the patch classifier (:func:`build_model`), on ``device``.
@@ -522,9 +533,8 @@ class MILTrainer(StreamingTrainer):
         self.train_patches = train_patches.reset_index(drop=True)
         self.tune_patches = tune_patches.reset_index(drop=True)
         self.biopsies = self.train_patches["image_id"].nunique()
-        patches = pd.concat([self.train_patches, self.tune_patches], ignore_index=True)
         self.patch_loader = PatchLoader(
-            PatchDataset(params, patches, augment=True),
+            PatchDataset(params, augment=True),
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
         )
@@ -535,15 +545,15 @@ class MILTrainer(StreamingTrainer):
         if run.resume is not None:
             raise NotImplementedError("MIL epochs cannot resume mid-epoch (no checkpoint_every)")
         started = time.perf_counter()
-        keys = [(row, run.global_epoch) for row in range(len(self.train_patches))]
+        keys = patch_keys(self.train_patches, run.global_epoch)
         logits = self.score(keys, f"stage {run.stage} epoch {run.epoch}: inference phase")
         inference_seconds = time.perf_counter() - started
-        rows = np.arange(len(self.train_patches))
-        top = select_top1(self.train_patches.assign(score=_sigmoid(logits), row=rows))
+        top = select_top1(self.train_patches.assign(score=logits))  # logit: same order
         if len(top) != self.biopsies:
             raise RuntimeError(f"top-1 selection gave {len(top)} of {self.biopsies} biopsies")
         self.last_top1 = top
-        self.train_data = top["row"].to_numpy()  # biopsy index (sampler) -> patch row
+        # what the sampler's biopsy indices refer to: (image_id, x, y, label) of its top-1 patch
+        self.train_data = list(top[[*PATCH_COLUMNS, "label"]].itertuples(index=False))
         metrics = super().train_epoch(run)
         return {
             **metrics,
@@ -554,9 +564,8 @@ class MILTrainer(StreamingTrainer):
 
     def evaluate(self, run: EpochRun | None = None) -> dict[str, float]:
         """Tuning loss, accuracy and AUC of the biopsy predictions (highest patch probability)."""
-        offset = len(self.train_patches)
-        keys = [(offset + row, None) for row in range(len(self.tune_patches))]
-        frame = _biopsy_logits(self.tune_patches, self.score(keys, "tuning set"))
+        logits = self.score(patch_keys(self.tune_patches, None), "tuning set")
+        frame = _biopsy_logits(self.tune_patches, logits)
         self.last_tune_predictions = frame
         return tuning_metrics(frame)
 
@@ -575,13 +584,15 @@ class MILTrainer(StreamingTrainer):
             progress=self.progress,
         )
 
-    def _loader(self, data: np.ndarray, indices: Sequence[int], epoch: int) -> Iterator[dict]:
+    def _loader(self, data: list[tuple], indices: Sequence[int], epoch: int) -> Iterator[dict]:
         """The training phase's items: for each biopsy index the sampler drew, its top-1 patch
-        (``data``: patch row per biopsy), augmented as in this epoch's inference phase."""
-        keys = [(int(data[index]), epoch) for index in indices]
+        (``data``), augmented as in this epoch's inference phase, with the biopsy label."""
+        chosen = [data[index] for index in indices]
+        keys = [(image_id, x, y, epoch) for image_id, x, y, _ in chosen]
+        labels = iter([float(label) for *_, label in chosen])
         for batch in self.patch_loader.batches(keys, self.params.mil.batch_size):
-            for i in range(len(batch["row"])):
-                yield {key: batch[key][i] for key in ("image", "label", "image_id")}
+            for image, image_id in zip(batch["image"], batch["image_id"], strict=True):
+                yield {"image": image, "label": next(labels), "image_id": image_id}
 
     def calibration_batches(self, count: int) -> tuple[Iterator[torch.Tensor], list[str]]:
         """Float batches in [0, 1] of every patch of ``count`` randomly chosen (seeded) training
@@ -589,8 +600,8 @@ class MILTrainer(StreamingTrainer):
         biopsies = self.train_patches["image_id"].drop_duplicates().to_numpy()
         rng = np.random.default_rng(self.params.run.seed)
         chosen = biopsies[np.sort(rng.permutation(len(biopsies))[: min(count, len(biopsies))])]
-        rows = np.flatnonzero(self.train_patches["image_id"].isin(chosen).to_numpy())
-        keys = [(int(row), None) for row in rows]
+        patches = self.train_patches[self.train_patches["image_id"].isin(chosen)]
+        keys = patch_keys(patches, None)
         batches = self.patch_loader.batches(keys, self.params.mil.inference_batch_size)
         return (batch["image"].float().div(255) for batch in batches), [str(i) for i in chosen]
 
@@ -637,7 +648,7 @@ def _initialise(trainer: MILTrainer, out: Path, context: DistributedContext) -> 
             "grid": _grid_key(params),
         }
     )
-    stored = load_checkpoint(init_path) if init_path.exists() else None
+    stored = load_checkpoint(init_path) if context.is_main and init_path.exists() else None
     if context.is_main and (stored is None or stored.get("key") != key):
         count = params.mil.calibrate_batchnorm_images
         if params.mil.weights is not None or count == 0:
@@ -731,10 +742,15 @@ def train_mil(
         "patch_stride": params.mil.patch_stride,
     }
     settings = ScheduleSettings.from_settings(params.mil)
-    result = run_schedule(trainer, settings, out, context=context, metadata=metadata)
-    # Patch probabilities of the final weights for the tuning and test sets (one pass, cached).
-    rows = pd.concat([tune_rows, load_split(params, "test")], ignore_index=True)
-    biopsies, _ = predict(params, rows, context=context, progress=progress)
+    try:
+        result = run_schedule(trainer, settings, out, context=context, metadata=metadata)
+        # Patch probabilities of the final weights for the tuning and test sets (cached).
+        rows = pd.concat([tune_rows, load_split(params, "test")], ignore_index=True)
+        biopsies, _ = predict(
+            params, rows, loader=trainer.patch_loader, context=context, progress=progress
+        )
+    finally:
+        trainer.patch_loader.close()
     if context.is_main:
         tune = biopsies.iloc[: len(tune_rows)]
         write_text_atomic(out / "predictions_tune.csv", tune.to_csv(index=False))
@@ -766,6 +782,7 @@ def predict(
     rows: pd.DataFrame,
     *,
     model: nn.Module | None = None,
+    loader: PatchLoader | None = None,
     context: DistributedContext | None = None,
     progress: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -777,6 +794,7 @@ def predict(
         model: a patch classifier; default: the final weights (:func:`load_final_model`), whose
             patch probabilities are cached per biopsy in ``mil/patch_scores/<image_id>.csv`` (x,
             y, score) and reused while ``final.pt`` and the patch grid are unchanged.
+        loader: reads the patches (default: a new one with ``run.num_workers`` workers).
         context: under torchrun, the patches are scored by all ranks.
 
     Returns:
@@ -791,25 +809,30 @@ def predict(
     scores = cache.lookup(table) if cache is not None else np.full(len(table), np.nan)
     todo = np.flatnonzero(np.isnan(scores))
     if len(todo):
-        model = model if model is not None else load_final_model(params)
+        if model is None:
+            model = load_final_model(params, select_device(params.run.device, context.local_rank))
         device = next(model.parameters()).device
-        loader = PatchLoader(
-            PatchDataset(params, table, augment=False),
-            num_workers=params.run.num_workers,
-            pin_memory=device.type == "cuda",
-        )
-        logits = score_patches(
-            model,
-            loader,
-            todo.tolist(),
-            batch_size=params.mil.inference_batch_size,
-            device=device,
-            context=context,
-            mixed_precision=params.run.mixed_precision,
-            channels_last=params.run.channels_last,
-            desc="predict",
-            progress=progress,
-        )
+        own = loader is None
+        if own:
+            dataset = PatchDataset(params, augment=False)
+            workers = params.run.num_workers
+            loader = PatchLoader(dataset, num_workers=workers, pin_memory=device.type == "cuda")
+        try:
+            logits = score_patches(
+                model,
+                loader,
+                patch_keys(table.iloc[todo], None),
+                batch_size=params.mil.inference_batch_size,
+                device=device,
+                context=context,
+                mixed_precision=params.run.mixed_precision,
+                channels_last=params.run.channels_last,
+                desc="predict",
+                progress=progress,
+            )
+        finally:
+            if own:
+                loader.close()
         scores[todo] = _sigmoid(logits)
         if cache is not None and context.is_main:
             cache.store(table.iloc[todo].assign(score=scores[todo]))

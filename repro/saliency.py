@@ -397,7 +397,9 @@ def heatmap_examples(
     from the cache; the final streaming model is loaded on the first cache miss when ``model`` is
     None) and MIL patch probabilities (None without patch scores)."""
     from repro.figures import HeatmapExample
+    from repro.runtime import set_torch_threads
 
+    set_torch_threads(params.run.torch_threads)
     size = params.evaluation.heatmap_size
     image_shape = (params.data.input_size, params.data.input_size)
     examples = []

@@ -171,6 +171,55 @@ def test_stacked_minibatch_step_equals_image_by_image():
 # ----------------------------------------------------------------------------- training
 
 
+def test_epoch_trains_on_the_top1_patch_of_every_biopsy(dataset, tmp_path):
+    """The inference phase's top-1 patch per biopsy (brute force over the same model's patch
+    logits) is what the training phase trains on, augmented exactly as it was scored."""
+    import copy
+
+    from repro.data.sampling import BalancedSampler
+    from repro.schedule import EpochRun
+
+    params = _run_params(dataset, tmp_path, splits={"subset_size": 6})
+    rows = load_split(params, "train")
+    train = mil.patch_table(params, rows)
+    tune = mil.patch_table(params, load_split(params, "tune"))
+    sampler = BalancedSampler(rows["label"].tolist(), seed=0)
+    trainer = mil.MILTrainer(mil.build_model(params), params, train, tune, sampler, progress=False)
+    trainer.begin_stage(1, params.mil.lr)
+    before = copy.deepcopy(trainer.model)
+    trained = []
+    loader = trainer._loader
+
+    def recording(data, indices, epoch):
+        for item in loader(data, indices, epoch):
+            trained.append(item)
+            yield item
+
+    trainer._loader = recording
+    trainer.train_epoch(EpochRun(1, 1, 5, params.mil.lr))
+
+    logits = mil.score_patches(
+        before, trainer.patch_loader, [(row, 5) for row in range(len(train))],
+        batch_size=params.mil.inference_batch_size,
+        device=torch.device("cpu"), progress=False,
+    )  # fmt: skip
+    expected = {}
+    for image_id, group in train.assign(logit=logits).groupby("image_id"):
+        expected[image_id] = group.index[int(np.argmax(group["logit"].to_numpy()))]
+    top = trainer.last_top1
+    assert sorted(top["image_id"]) == sorted(expected)
+    assert top["image_id"].tolist() == rows["image_id"].tolist()  # the sampler's order
+    for row in top.itertuples():
+        assert row.row == expected[row.image_id]
+    assert len(trained) == len(sampler)
+    rows_of = dict(zip(top["image_id"], top["row"], strict=True))
+    dataset_ = trainer.patch_loader.dataset
+    for item in trained:
+        patch = dataset_[(rows_of[item["image_id"]], 5)]
+        assert torch.equal(item["image"], patch["image"])
+        assert float(item["label"]) == float(patch["label"])
+
+
 def _comparable(metrics):
     timing = [c for c in metrics.columns if "second" in c or "per_hour" in c]
     return metrics.drop(columns=timing)

@@ -73,7 +73,8 @@ def compare(
     params = [p for p in module.parameters() if p.requires_grad]
     x = x.detach().requires_grad_(input_grad)
     ref = module(x)
-    grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=ref.dtype)
+    gen = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(ref.shape, generator=gen, dtype=ref.dtype).to(ref.device)
     ref_grads = torch.autograd.grad(ref, [*params, x] if input_grad else params, grad_out)
     out = StreamingModule(module, tile_size, **kwargs)(x)
     grads = torch.autograd.grad(out, [*params, x] if input_grad else params, grad_out)
@@ -311,7 +312,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @cuda
 def test_cuda_float64_exact():
     module = resnet_part("resnet18", "layer3").double().cuda()
-    x = torch.rand(1, 3, 400, 1333, dtype=torch.float64, device="cuda")
+    x = torch.rand(1, 3, 400, 1333, dtype=torch.float64).cuda()
     errors = compare(module, x, 900)
     assert max(errors.values()) <= TOL64, errors
 

@@ -29,7 +29,12 @@ def _params(root):
     return build_params(
         {
             "experiment": "learn",
-            "run": {"out_dir": str(root / "runs"), "num_workers": 0, "seed": 0},
+            "run": {
+                "out_dir": str(root / "runs"),
+                "num_workers": 0,
+                "seed": 0,
+                "torch_threads": 1,
+            },
             "data": {
                 "source": "synthetic",
                 "panda_dir": str(root / "raw"),
@@ -58,12 +63,15 @@ def _params(root):
 
 
 def test_stage_one_and_two_reach_a_high_tuning_auc(tmp_path):
-    torch.set_num_threads(1)
-    params = _params(tmp_path)
+    params = _params(tmp_path)  # run.torch_threads=1; restored below
     generate_synthetic_panda(params.data.panda_dir, 30, 512, seed=params.run.seed)
     make_splits(prepare_dataset(params, progress=False), params)
 
-    result = train_streaming(params, progress=False)
+    threads = torch.get_num_threads()
+    try:
+        result = train_streaming(params, progress=False)
+    finally:
+        torch.set_num_threads(threads)
 
     out = streaming_dir(params)
     metrics = pd.read_csv(out / "metrics.csv")
@@ -71,6 +79,7 @@ def test_stage_one_and_two_reach_a_high_tuning_auc(tmp_path):
     predictions = pd.read_csv(out / "predictions_tune.csv")
     assert predictions["label"].nunique() == 2 and len(predictions) >= 8
     final = tuning_metrics(predictions)
+    print(f"final tuning metrics: {final}\n{metrics.round(4).to_string()}")
     assert final["tune_auc"] >= 0.9, (final, metrics.to_dict("records"))
     assert json.loads((out / "batchnorm_calibration.json").read_text())["calibrated"]
     assert result.selection["final"]["stage"] == 2

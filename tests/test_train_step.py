@@ -14,6 +14,15 @@ from repro.train import train_minibatch
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: much faster than two on a CPU shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class RecordingSGD(torch.optim.SGD):
     """SGD that keeps a copy of the gradients it stepped with."""
 
@@ -23,10 +32,10 @@ class RecordingSGD(torch.optim.SGD):
 
 
 def _model(seed=0, dtype=torch.float64):
-    # Streamed up to layer2 (stride 8) so that 128 px images already take 2 x 2 tiles.
+    # Streamed up to layer1 (stride 4) so that 64 px images already take 2 x 2 tiles.
     torch.manual_seed(seed)
     model = build_streaming_resnet(
-        "resnet18", weights=None, stream_until="layer2", tile_size=192, head_pool="max"
+        "resnet18", weights=None, stream_until="layer1", tile_size=96, head_pool="max"
     )
     model = model.to(dtype)
     with torch.no_grad():  # non-trivial frozen batch-norm statistics
@@ -37,7 +46,7 @@ def _model(seed=0, dtype=torch.float64):
     return model
 
 
-def _items(count=4, size=128, seed=1):
+def _items(count=4, size=64, seed=1):
     generator = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (count, 3, size, size), generator=generator, dtype=torch.uint8)
     labels = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0][:count])
@@ -54,7 +63,7 @@ def test_accumulated_gradient_and_step_equal_the_whole_minibatch(stage):
     streamed, reference = _model(), _model()
     for model in (streamed, reference):
         (freeze_streamed if stage == 1 else unfreeze_streamed)(model)
-    assert streamed.streamed.plan((1, 3, 128, 128)).tiles.__len__() == 4  # really streamed
+    assert streamed.streamed.plan((1, 3, 64, 64)).tiles.__len__() == 4  # really streamed
 
     trainable = [p for p in streamed.parameters() if p.requires_grad]
     optimizer = RecordingSGD(trainable, lr=0.1, momentum=0.9)
@@ -107,7 +116,7 @@ def test_two_steps_with_momentum_match_the_reference():
 
 
 def test_nonfinite_loss_names_the_image_and_takes_no_step():
-    items, _, _ = _items(count=2, size=64)
+    items, _, _ = _items(count=2, size=32)
     model = _model(dtype=torch.float32)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     items[1]["label"] = torch.tensor(float("nan"))
@@ -129,7 +138,7 @@ def test_nonfinite_loss_names_the_image_and_takes_no_step():
 
 
 def test_nonfinite_gradient_is_caught_before_the_step():
-    items, _, _ = _items(count=2, size=64)
+    items, _, _ = _items(count=2, size=32)
     model = _model(dtype=torch.float32)
     model.head.fc.weight.register_hook(lambda grad: grad * float("inf"))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
