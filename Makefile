@@ -36,6 +36,10 @@ format: install
 
 benchmarks: install
 	$(PY) benchmarks/streaming.py
+	$(PY) benchmarks/train_streaming.py
+	$(PY) benchmarks/mil.py
+	$(PY) benchmarks/smoothgrad.py
+	$(PY) benchmarks/bootstrap.py
 
 clean:
 	rm -rf runs

@@ -348,6 +348,38 @@ def describe_selection(selection: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def command_line(
+    prog: str, train: Callable[..., ScheduleResult], argv: Sequence[str] | None = None
+) -> int:
+    """``python -m <prog> params/X.yaml [--out DIR] [--no-progress]``, also under ``torchrun``.
+
+    Shared by ``python -m repro.train`` and ``python -m repro.mil``: reads the params, joins the
+    process group torchrun set up (or runs alone), calls ``train(params, progress=..,
+    context=..)`` and leaves the group again. Returns the exit code.
+    """
+    import argparse
+
+    from repro.config import load_params
+    from repro.runtime import init_distributed, shutdown_distributed
+
+    parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=train.__doc__)
+    parser.add_argument("params", help="params YAML, e.g. params/full.yaml")
+    parser.add_argument("--out", help="output root instead of run.out_dir")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    overrides = {"run": {"out_dir": str(Path(args.out).resolve())}} if args.out else None
+    params = load_params(args.params, overrides=overrides)
+    context = init_distributed(params.run.device)
+    try:
+        result = train(params, progress=not args.no_progress, context=context)
+        if context.is_main:
+            print(f"final weights: {result.final_path}")
+    finally:
+        shutdown_distributed()
+    return 0
+
+
 def plot_loss_curves(
     metrics: Any,
     selection: Mapping[str, Any] | None = None,
@@ -397,13 +429,17 @@ def plot_loss_curves(
         if not chosen.get("epochs"):
             continue
         first, last = min(chosen["epochs"]), max(chosen["epochs"])
+        span = f"epoch {first}" if first == last else f"epochs {first}-{last}"
         what = "averaged" if "averaged_checkpoints" in chosen else "picked window"
         ax.axvspan(first + offset - 0.4, last + offset + 0.4, color=colours.get(stage, "grey"),
-                   alpha=0.15, label=f"stage {stage}: {what} (epochs {first}-{last})")  # fmt: skip
+                   alpha=0.15, label=f"stage {stage}: {what} ({span})")  # fmt: skip
         if "middle_epoch" in chosen and stage == "1":
             middle = chosen["middle_epoch"] + offset
             loss = rows.loc[rows["epoch"] == chosen["middle_epoch"], "tune_loss"]
             ax.plot([middle], loss, "*", ms=14, color=colours["1"], label="stage 2 starts here")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch (stage 1, then stage 2)")
     ax.set_ylabel("binary cross-entropy")
     ax.legend(fontsize=8)
@@ -415,7 +451,8 @@ def plot_loss_curves(
 def save_loss_curves(out_dir: str | os.PathLike[str], name: str = "loss_curves.png"):
     """Plot ``metrics.csv`` and ``selection.json`` of a run dir into ``<out_dir>/<name>``."""
     out = Path(out_dir)
-    figure = plot_loss_curves(out / "metrics.csv", out / "selection.json", title=out.name)
+    title = f"{out.parent.name}: {out.name}"
+    figure = plot_loss_curves(out / "metrics.csv", out / "selection.json", title=title)
     figure.tight_layout()
     figure.savefig(out / name, dpi=120)
     return figure

@@ -20,7 +20,7 @@ Public: :func:`train_streaming`, :func:`load_final_model`, :func:`predict`, :fun
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -36,8 +36,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from repro.checkpoints import load_checkpoint, save_checkpoint
-from repro.config import Params, format_params, load_params
+from repro.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from repro.config import Params, format_params
 from repro.runtime import (
     DistributedContext,
     all_gather_objects,
@@ -51,7 +51,6 @@ from repro.runtime import (
     seed_everything,
     select_device,
     set_torch_threads,
-    shutdown_distributed,
     use_channels_last,
 )
 from repro.schedule import (
@@ -59,6 +58,7 @@ from repro.schedule import (
     NonFiniteError,
     ScheduleResult,
     ScheduleSettings,
+    command_line,
     run_schedule,
     save_loss_curves,
 )
@@ -560,6 +560,26 @@ def _initial_model(params: Params, out: Path, context: DistributedContext) -> nn
     process start from the same weights without recomputing the statistics.
     """
     init_path = out / "init.pt"
+    streaming = dataclasses.asdict(params.streaming)
+    for key in ("tile_size", "memory_budget_gb"):  # tiling does not change the weights
+        streaming.pop(key)
+    made_with = {
+        "streaming": streaming,
+        "input_size": params.data.input_size,
+        "train": {  # what changes the weights; the schedule checks lr, epochs and window
+            key: getattr(params.train, key)
+            for key in (
+                "batch_size",
+                "momentum",
+                "optimizer",
+                "epoch_images",
+                "oversample_negatives",
+                "calibrate_batchnorm_images",
+            )
+        },
+        "augmentation": dataclasses.asdict(params.augmentation),
+        "seed": params.run.seed,
+    }
     seed_everything(params.run.seed)
     model = build_model(params)
     if context.is_main and not init_path.exists():
@@ -578,9 +598,16 @@ def _initial_model(params: Params, out: Path, context: DistributedContext) -> nn
         _write_json(out / "normalization.json", info)
         calibration = _calibrate(model, train_rows, params)
         _write_json(out / "batchnorm_calibration.json", calibration)
-        save_checkpoint({"model": model.state_dict(), "normalization": info}, init_path)
+        state = {"model": model.state_dict(), "normalization": info, "made_with": made_with}
+        save_checkpoint(state, init_path)
     barrier(context)
-    model.load_state_dict(load_checkpoint(init_path)["model"])
+    state = load_checkpoint(init_path)
+    if state.get("made_with") != made_with:
+        raise CheckpointError(
+            f"{init_path} was made with {state.get('made_with')}, not {made_with}; use the same "
+            f"params to resume, or delete {out} to start over"
+        )
+    model.load_state_dict(state["model"])
     seed_everything(params.run.seed)
     return model
 
@@ -772,22 +799,7 @@ def _write_text(path: Path, text: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m repro.train params/X.yaml``, also under ``torchrun --nproc_per_node N``."""
-    parser = argparse.ArgumentParser(prog="python -m repro.train", description=main.__doc__)
-    parser.add_argument("params", help="params YAML, e.g. params/full.yaml")
-    parser.add_argument("--out", help="output root instead of run.out_dir")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    overrides = {"run": {"out_dir": str(Path(args.out).resolve())}} if args.out else None
-    params = load_params(args.params, overrides=overrides)
-    context = init_distributed(params.run.device)
-    try:
-        result = train_streaming(params, progress=not args.no_progress, context=context)
-        if context.is_main:
-            print(f"final weights: {result.final_path}")
-    finally:
-        shutdown_distributed()
-    return 0
+    return command_line("repro.train", train_streaming, argv)
 
 
 if __name__ == "__main__":

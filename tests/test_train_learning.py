@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
+from repro.checkpoints import CheckpointError
 from repro.config import build_params
 from repro.data.prepare import prepare_dataset
 from repro.data.splits import make_splits
@@ -25,7 +26,7 @@ from repro.train import load_final_model, predict, streaming_dir, train_streamin
 pytestmark = pytest.mark.slow
 
 
-def _params(root):
+def _params(root, **streaming):
     return build_params(
         {
             "experiment": "learn",
@@ -46,7 +47,7 @@ def _params(root):
                 "tissue_min_object_px": 1,
             },
             "splits": {"tune_fraction": 0.35, "test_fraction": 0.1},
-            "streaming": {"arch": "resnet18", "weights": None, "tile_size": 352},
+            "streaming": {"arch": "resnet18", "weights": None, "tile_size": 352, **streaming},
             "train": {
                 "optimizer": "adam",
                 "lr": 1e-4,
@@ -90,3 +91,15 @@ def test_stage_one_and_two_reach_a_high_tuning_auc(tmp_path):
     model = load_final_model(params, device="cpu")
     again = predict(model, predictions[["image_id", "label"]], params, progress=False)
     pd.testing.assert_frame_equal(again, predictions, check_dtype=False, atol=1e-6)
+
+    # the same command again finds the finished run: nothing is trained, the outputs are the same
+    before = (out / "metrics.csv").read_text()
+    threads = torch.get_num_threads()
+    try:
+        train_streaming(params, progress=False)
+        with pytest.raises(CheckpointError, match="delete"):  # other params, same run dir
+            train_streaming(_params(tmp_path, head_pool="avg"), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert (out / "metrics.csv").read_text() == before
+    pd.testing.assert_frame_equal(pd.read_csv(out / "predictions_tune.csv"), predictions)
