@@ -49,7 +49,8 @@ def _params(root: Path, config: dict, images: int, device: str, workers: int):
                 "input_size": config["input_size"],
                 "synthetic_images": images,
                 "synthetic_size": 2 * config["input_size"],
-                "tissue_downsample": 8,
+                "tissue_downsample": 8,  # as params/demo.yaml, for these small images
+                "tissue_min_object_px": 1,
             },
             "splits": {"tune_fraction": 0.1, "test_fraction": 0.1},
             "mil": {
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", nargs="+", default=None, help="cpu and/or cuda (default: both)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--images", type=int, default=12, help="synthetic biopsies (>= 10)")
+    parser.add_argument("--images", type=int, default=24, help="synthetic biopsies (>= 10)")
     parser.add_argument("--workers", type=int, nargs="+", default=[2], help="data workers")
     parser.add_argument("--epochs", type=int, default=1, help="measured epochs (after one)")
     parser.add_argument("--torch-threads", type=int, default=0, help="CPU threads (0: default)")

@@ -23,7 +23,7 @@ Public: :func:`train_mil`, :func:`predict`, :func:`load_final_model`, :func:`pat
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -42,7 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from repro.checkpoints import CheckpointError, load_checkpoint, save_checkpoint, write_text_atomic
-from repro.config import Params, format_params, load_params
+from repro.config import Params, format_params
 from repro.runtime import (
     DistributedContext,
     all_gather_objects,
@@ -53,11 +53,18 @@ from repro.runtime import (
     seed_everything,
     select_device,
     set_torch_threads,
-    shutdown_distributed,
     use_channels_last,
 )
-from repro.schedule import EpochRun, ScheduleResult, ScheduleSettings, run_schedule
-from repro.train import StreamingTrainer, tuning_metrics
+from repro.schedule import (
+    EpochRun,
+    ScheduleResult,
+    ScheduleSettings,
+    command_line,
+    load_final_weights,
+    run_schedule,
+    save_loss_curves,
+)
+from repro.train import StreamingTrainer, trainer_options, tuning_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -229,9 +236,9 @@ def _cached_grid(params: Params, image_ids: Sequence[str]) -> pd.DataFrame:
 
 
 def _grid_key(params: Params) -> dict[str, Any]:
+    """What the patch grid depends on: the prepared data (its masks) and the grid settings."""
     return {
-        "prepared_dir": params.data.prepared_dir,
-        "input_size": params.data.input_size,
+        "data": dataclasses.asdict(params.data),
         "patch_size": params.mil.patch_size,
         "patch_stride": params.mil.patch_stride,
         "min_tissue_fraction": params.mil.min_tissue_fraction,
@@ -278,7 +285,7 @@ def patch_score_map(patches: pd.DataFrame, params: Params, downsample: int = 1) 
     size = params.mil.patch_size
     for x, y, score in patches[["x", "y", "score"]].itertuples(index=False):
         top, left = y // downsample, x // downsample
-        bottom, right = -(-(y + size) // downsample), -(-(x + size) // downsample)
+        bottom, right = math.ceil((y + size) / downsample), math.ceil((x + size) / downsample)
         region = heat[top:bottom, left:right]
         np.fmax(region, score, out=region)
     return heat
@@ -516,17 +523,11 @@ class MILTrainer(StreamingTrainer):
             None,
             None,
             sampler,
-            batch_size=params.mil.batch_size,
-            momentum=params.mil.momentum,
             device=device,
             context=context,
-            mixed_precision=params.run.mixed_precision,
-            channels_last=params.run.channels_last,
-            num_workers=params.run.num_workers,
-            seed=params.run.seed,
             progress=progress,
             freeze=_train_everything,
-            optimizer=params.mil.optimizer,
+            **trainer_options(params, params.mil),
         )
         self.params = params
         self.stack_items = True  # a mini-batch of patches is one forward/backward pass
@@ -635,21 +636,26 @@ def _initialise(trainer: MILTrainer, out: Path, context: DistributedContext) -> 
     """Calibrate batch norm (random init only) and make every rank start from the same weights.
 
     The initial weights are saved as ``init.pt`` by rank 0 and loaded by every rank, so that a
-    restart does not recompute them; they are recomputed when the settings they depend on change.
+    restart does not recompute them. ``init.pt`` records the settings the run's weights depend on
+    (beyond the schedule's, which :func:`repro.schedule.run_schedule` checks); other settings are
+    an error, not a silent mix of two runs.
+
+    Raises:
+        CheckpointError: ``init.pt`` (and so the checkpoints) were made with other settings.
     """
     params, model = trainer.params, trainer.model
     init_path = out / "init.pt"
-    key = json.dumps(
+    schedule = {"lr", "epochs", "stage2_lr", "stage2_epochs", "window", "inference_batch_size"}
+    made_with = json.dumps(
         {
-            "arch": params.mil.arch,
-            "weights": params.mil.weights,
-            "calibrate_batchnorm_images": params.mil.calibrate_batchnorm_images,
-            "seed": params.run.seed,
+            "mil": {k: v for k, v in dataclasses.asdict(params.mil).items() if k not in schedule},
+            "augmentation": dataclasses.asdict(params.augmentation),
             "grid": _grid_key(params),
-        }
+            "seed": params.run.seed,
+        },
+        sort_keys=True,
     )
-    stored = load_checkpoint(init_path) if context.is_main and init_path.exists() else None
-    if context.is_main and (stored is None or stored.get("key") != key):
+    if context.is_main and not init_path.exists():
         count = params.mil.calibrate_batchnorm_images
         if params.mil.weights is not None or count == 0:
             reason = (
@@ -670,9 +676,16 @@ def _initialise(trainer: MILTrainer, out: Path, context: DistributedContext) -> 
                 "patches": "all patches of these training biopsies, not augmented",
             }
         write_text_atomic(out / "batchnorm_calibration.json", json.dumps(calibration, indent=2))
-        save_checkpoint({"model": model.state_dict(), "key": key}, init_path)
+        save_checkpoint({"model": model.state_dict(), "made_with": made_with}, init_path)
     barrier(context)
-    model.load_state_dict(load_checkpoint(init_path)["model"])
+    state = load_checkpoint(init_path)
+    if state.get("made_with") != made_with:
+        raise CheckpointError(
+            f"{init_path} was made with other settings ({state.get('made_with')}) than these "
+            f"({made_with}); use the params of that run to resume it, or delete {out} to start "
+            "over"
+        )
+    model.load_state_dict(state["model"])
     seed_everything(params.run.seed)
 
 
@@ -757,8 +770,6 @@ def train_mil(
     if context.is_main:
         import matplotlib.pyplot as plt
 
-        from repro.schedule import save_loss_curves
-
         plt.close(save_loss_curves(out))
     barrier(context)
     return result
@@ -770,11 +781,8 @@ def load_final_model(params: Params, device: str | torch.device | None = None) -
     Raises:
         CheckpointError: there is no ``final.pt`` (train first: notebook 04).
     """
-    state = load_checkpoint(mil_dir(params) / "final.pt")
-    model = build_model(params, weights=None)
-    model.load_state_dict(state["model"])
-    device = torch.device(device) if device is not None else select_device(params.run.device)
-    return model.to(device).eval()
+    device = device if device is not None else select_device(params.run.device)
+    return load_final_weights(build_model(params, weights=None), mil_dir(params), device)
 
 
 def predict(
@@ -888,22 +896,7 @@ class _ScoreCache:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m repro.mil params/X.yaml``, also under ``torchrun --nproc_per_node N``."""
-    parser = argparse.ArgumentParser(prog="python -m repro.mil", description=main.__doc__)
-    parser.add_argument("params", help="params YAML, e.g. params/full.yaml")
-    parser.add_argument("--out", help="output root instead of run.out_dir")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    overrides = {"run": {"out_dir": str(Path(args.out).resolve())}} if args.out else None
-    params = load_params(args.params, overrides=overrides)
-    context = init_distributed(params.run.device)
-    try:
-        result = train_mil(params, progress=not args.no_progress, context=context)
-        if context.is_main:
-            print(f"final weights: {result.final_path}")
-    finally:
-        shutdown_distributed()
-    return 0
+    return command_line("repro.mil", train_mil, argv)
 
 
 if __name__ == "__main__":

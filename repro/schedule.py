@@ -313,6 +313,19 @@ def run_schedule(
     return ScheduleResult(final_path, selection, history)
 
 
+def load_final_weights(
+    model: torch.nn.Module, out_dir: str | os.PathLike[str], device: str | torch.device
+) -> torch.nn.Module:
+    """A finished run's inference weights (``<out_dir>/final.pt``: the averaged window) loaded
+    into ``model``, which is moved to ``device`` and put in eval mode.
+
+    Raises:
+        CheckpointError: there is no ``final.pt`` (the run has not finished).
+    """
+    model.load_state_dict(load_checkpoint(Path(out_dir) / "final.pt")["model"])
+    return model.to(device).eval()
+
+
 def write_metrics(history: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> None:
     """``metrics.csv``: one row per epoch (columns: the union of the rows' keys), atomically."""
     columns: list[str] = []

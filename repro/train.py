@@ -59,6 +59,7 @@ from repro.schedule import (
     ScheduleResult,
     ScheduleSettings,
     command_line,
+    load_final_weights,
     run_schedule,
     save_loss_curves,
 )
@@ -393,6 +394,21 @@ class StreamingTrainer:
         return loader
 
 
+def trainer_options(params: Params, section: Any) -> dict[str, Any]:
+    """:class:`StreamingTrainer` keyword arguments from a method's params section (``train`` or
+    ``mil``: batch size, momentum, optimiser) and from ``run`` (mixed precision, channels_last,
+    data workers, seed)."""
+    return {
+        "batch_size": section.batch_size,
+        "momentum": section.momentum,
+        "optimizer": section.optimizer,
+        "mixed_precision": params.run.mixed_precision,
+        "channels_last": params.run.channels_last,
+        "num_workers": params.run.num_workers,
+        "seed": params.run.seed,
+    }
+
+
 def tuning_metrics(frame: pd.DataFrame) -> dict[str, float]:
     """``tune_loss`` (mean BCE), ``tune_accuracy`` (logit > 0) and ``tune_auc`` of predictions
     with columns ``label`` and ``logit`` (or ``score``, a probability)."""
@@ -695,17 +711,11 @@ def train_streaming(
         train_data,
         tune_data,
         sampler,
-        batch_size=params.train.batch_size,
-        momentum=params.train.momentum,
         device=device,
         context=context,
-        mixed_precision=params.run.mixed_precision,
-        channels_last=params.run.channels_last,
-        num_workers=params.run.num_workers,
-        seed=params.run.seed,
         progress=progress,
-        optimizer=params.train.optimizer,
         epoch_images=params.train.epoch_images,
+        **trainer_options(params, params.train),
     )
     metadata = {
         "method": METHOD_DIR,
@@ -742,12 +752,8 @@ def load_final_model(params: Params, device: str | torch.device | None = None) -
     Raises:
         CheckpointError: there is no ``final.pt`` (train first: notebook 03).
     """
-    path = streaming_dir(params) / "final.pt"
-    state = load_checkpoint(path)
-    model = build_model(params, weights=None)
-    model.load_state_dict(state["model"])
-    device = torch.device(device) if device is not None else select_device(params.run.device)
-    return model.to(device).eval()
+    device = device if device is not None else select_device(params.run.device)
+    return load_final_weights(build_model(params, weights=None), streaming_dir(params), device)
 
 
 def predict(

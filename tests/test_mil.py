@@ -124,3 +124,20 @@ def test_biopsy_score_is_max_patch_score(seed):
     for image_id, group in patches.groupby("image_id"):
         assert scores[image_id] == max(group["score"])
     assert len(scores) == patches["image_id"].nunique()
+
+
+def test_patch_score_map_is_the_max_of_the_covering_patches():
+    from repro.config import Params
+
+    params = Params()
+    params.data.input_size, params.mil.patch_size = 40, 16
+    patches = pd.DataFrame({"x": [0, 8, 24], "y": [0, 8, 24], "score": [0.2, 0.7, 0.4]})
+    heat = mil.patch_score_map(patches, params)
+    expected = np.full((40, 40), np.nan)
+    for x, y, score in patches.itertuples(index=False):
+        window = expected[y : y + 16, x : x + 16]
+        window[np.isnan(window) | (window < score)] = score
+    np.testing.assert_array_equal(heat, expected)
+    coarse = mil.patch_score_map(patches, params, downsample=8)
+    assert coarse.shape == (5, 5)
+    assert coarse[1, 1] == 0.7 and coarse[0, 0] == 0.2 and np.isnan(coarse[0, 4])

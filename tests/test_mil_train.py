@@ -15,7 +15,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from repro import mil
-from repro.checkpoints import load_checkpoint
+from repro.checkpoints import CheckpointError, load_checkpoint
 from repro.config import build_params
 from repro.data.dataset import read_region
 from repro.data.prepare import prepare_dataset
@@ -112,34 +112,32 @@ def test_patch_table_matches_the_grid_and_is_cached(dataset, tmp_path, monkeypat
 def test_patch_dataset_reads_and_augments_per_patch(dataset, tmp_path):
     params = _run_params(dataset, tmp_path)
     table = mil.patch_table(params, load_split(params, "train")).head(6)
-    first = mil.PatchDataset(params, table, augment=True)
-    second = mil.PatchDataset(params, table, augment=True)
+    first = mil.PatchDataset(params, augment=True)
+    second = mil.PatchDataset(params, augment=True)
     size = params.mil.patch_size
-    for row in range(len(table)):
-        item = first[(row, 3)]
+    for image_id, x, y, _ in mil.patch_keys(table, None):
+        item = first[(image_id, x, y, 3)]
         assert item["image"].shape == (3, size, size) and item["image"].dtype == torch.uint8
-        assert (item["image_id"], item["x"], item["y"]) == tuple(
-            table.iloc[row][["image_id", "x", "y"]]
-        )
+        assert (item["image_id"], item["x"], item["y"]) == (image_id, x, y)
         # the same patch in the same epoch is the same augmented patch (inference = training phase)
-        assert torch.equal(item["image"], second[(row, 3)]["image"])
-        second.set_epoch(3)
-        assert torch.equal(item["image"], second[row]["image"])
-        assert not torch.equal(item["image"], first[(row, 4)]["image"])
-        # epoch None: the patch as stored
-        plain = read_region(params, item["image_id"], item["x"], item["y"], size, size)
-        assert np.array_equal(first[(row, None)]["image"].permute(1, 2, 0).numpy(), plain)
+        assert torch.equal(item["image"], second[(image_id, x, y, 3)]["image"])
+        assert not torch.equal(item["image"], first[(image_id, x, y, 4)]["image"])
+        # epoch None, or no augmentation: the patch as stored
+        plain = read_region(params, image_id, x, y, size, size)
+        assert np.array_equal(first[(image_id, x, y, None)]["image"].permute(1, 2, 0), plain)
+        unaugmented = mil.PatchDataset(params, augment=False)[(image_id, x, y, 3)]["image"]
+        assert np.array_equal(unaugmented.permute(1, 2, 0), plain)
 
 
 def test_patch_loader_with_spawned_workers_gives_the_same_batches(dataset, tmp_path):
     params = _run_params(dataset, tmp_path)
     table = mil.patch_table(params, load_split(params, "train")).head(10)
-    keys = [(row, 1) for row in range(10)] + [(row, None) for row in range(10)]
+    keys = mil.patch_keys(table, 1) + mil.patch_keys(table, None)
     batches = {}
     for workers in (0, 2):
-        loader = mil.PatchLoader(mil.PatchDataset(params, table, augment=True), num_workers=workers)
-        for _ in range(2):  # a second pass reuses the workers
-            images = torch.cat([b["image"] for b in loader.batches(keys, 6)])
+        with mil.PatchLoader(mil.PatchDataset(params), num_workers=workers) as loader:
+            for _ in range(2):  # a second pass reuses the workers
+                images = torch.cat([b["image"] for b in loader.batches(keys, 6)])
         batches[workers] = images
     assert torch.equal(batches[0], batches[2])
 
@@ -199,25 +197,25 @@ def test_epoch_trains_on_the_top1_patch_of_every_biopsy(dataset, tmp_path):
     trainer.train_epoch(EpochRun(1, 1, 5, params.mil.lr))
 
     logits = mil.score_patches(
-        before, trainer.patch_loader, [(row, 5) for row in range(len(train))],
+        before, trainer.patch_loader, mil.patch_keys(train, 5),
         batch_size=params.mil.inference_batch_size,
         device=torch.device("cpu"), progress=False,
     )  # fmt: skip
     expected = {}
     for image_id, group in train.assign(logit=logits).groupby("image_id"):
-        expected[image_id] = group.index[int(np.argmax(group["logit"].to_numpy()))]
+        best = group.iloc[int(np.argmax(group["logit"].to_numpy()))]
+        expected[image_id] = (int(best["x"]), int(best["y"]))
     top = trainer.last_top1
-    assert sorted(top["image_id"]) == sorted(expected)
     assert top["image_id"].tolist() == rows["image_id"].tolist()  # the sampler's order
-    for row in top.itertuples():
-        assert row.row == expected[row.image_id]
+    assert {row.image_id: (row.x, row.y) for row in top.itertuples()} == expected
     assert len(trained) == len(sampler)
-    rows_of = dict(zip(top["image_id"], top["row"], strict=True))
-    dataset_ = trainer.patch_loader.dataset
+    labels = dict(zip(rows["image_id"], rows["label"], strict=True))
     for item in trained:
-        patch = dataset_[(rows_of[item["image_id"]], 5)]
+        x, y = expected[item["image_id"]]
+        patch = trainer.patch_loader.dataset[(item["image_id"], x, y, 5)]
         assert torch.equal(item["image"], patch["image"])
-        assert float(item["label"]) == float(patch["label"])
+        assert item["label"] == labels[item["image_id"]]
+    trainer.patch_loader.close()
 
 
 def _comparable(metrics):
@@ -309,6 +307,12 @@ def test_predict_biopsy_score_is_the_top_patch_and_is_cached(dataset, tmp_path, 
     cached_biopsies, cached_patches = mil.predict(params, rows)
     pd.testing.assert_frame_equal(cached_biopsies, biopsies)
     pd.testing.assert_frame_equal(cached_patches, patches)
+
+    # the run's checkpoints cannot be resumed with settings that change what the weights mean
+    changed = _params(dataset, tmp_path / "runs", splits={"subset_size": 4},
+                      mil={"epochs": 1, "stage2_epochs": 0, "optimizer": "sgd"})  # fmt: skip
+    with pytest.raises(CheckpointError, match="other settings"):
+        mil.train_mil(changed, progress=False)
 
 
 @pytest.mark.slow
