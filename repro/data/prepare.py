@@ -49,7 +49,7 @@ import pyvips
 from tqdm.auto import tqdm
 
 from repro.config import Params, check_data_paths, resolve_path
-from repro.data.slides import SlideError, crop_or_pad, explain_error, open_slide
+from repro.data.slides import SlideError, crop_or_pad, explain_error, open_slide, save_pyramid
 from repro.data.synthetic import generate_synthetic_panda
 from repro.data.tissue import bounding_box, min_object_area, tissue_mask
 
@@ -268,18 +268,7 @@ def prepare_image(
     partial_image = image_path.with_name(image_path.name + ".partial")
     partial_mask = mask_path.with_name(mask_path.name + ".partial")
     try:
-        prepared.tiffsave(
-            str(partial_image),
-            tile=True,
-            tile_width=256,
-            tile_height=256,
-            pyramid=True,
-            compression="jpeg",
-            Q=90,
-            xres=1000.0 / settings.target_mpp,
-            yres=1000.0 / settings.target_mpp,
-            bigtiff=size * size * 3 >= 2**32,
-        )
+        save_pyramid(prepared, partial_image, settings.target_mpp)
     except pyvips.Error as error:
         partial_image.unlink(missing_ok=True)
         reason = explain_error(error, "cannot read or write pixels")

@@ -328,3 +328,23 @@ def _as_rgb(image: pyvips.Image) -> pyvips.Image:
     elif image.bands > 3:
         image = image.extract_band(0, n=3)
     return image
+
+
+def save_pyramid(image: pyvips.Image, path: str | os.PathLike[str], mpp: float) -> None:
+    """Write ``image`` as a tiled, JPEG-compressed pyramidal TIFF with its mpp in the tags.
+
+    Both the synthetic raw slides and the prepared images use this one format; BigTIFF is used
+    when the pixels exceed the 4 GiB classic-TIFF limit.
+    """
+    image.tiffsave(
+        str(path),
+        tile=True,
+        tile_width=256,
+        tile_height=256,
+        pyramid=True,
+        compression="jpeg",
+        Q=90,
+        xres=1000.0 / mpp,
+        yres=1000.0 / mpp,
+        bigtiff=image.width * image.height * image.bands >= 2**32,
+    )

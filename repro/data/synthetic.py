@@ -39,6 +39,8 @@ import pandas as pd
 import pyvips
 from tqdm.auto import tqdm
 
+from repro.data.slides import save_pyramid
+
 LEVEL0_MPP = 0.48
 """Level-0 microns per pixel of the generated slides (PANDA Radboud: about 0.48)."""
 RENDER_MPP = 0.96
@@ -246,17 +248,7 @@ def write_slide(
     if isinstance(pixels, np.ndarray):
         image = pyvips.Image.new_from_array(np.ascontiguousarray(pixels), interpretation="srgb")
     partial = path.with_name(path.name + ".partial")
-    image.tiffsave(
-        str(partial),
-        tile=True,
-        tile_width=256,
-        tile_height=256,
-        pyramid=True,
-        compression="jpeg",
-        Q=90,
-        xres=1000.0 / mpp,
-        yres=1000.0 / mpp,
-    )
+    save_pyramid(image, partial, mpp)
     os.replace(partial, path)
 
 
