@@ -22,11 +22,12 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import tempfile
 import time
 from pathlib import Path
+
+from _common import synchronize, write_results
 
 CONFIGS = {
     "demo": {"arch": "resnet18", "patch": 64, "input_size": 768},
@@ -146,13 +147,11 @@ def _model_only(params, batches: int = 5) -> dict:
     result = {}
     for name, call, n in (("forward", forward, 64), ("train_step", step, 16)):
         call()  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(batches):
             call()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         result[f"model_{name}_per_s"] = batches * n / (time.perf_counter() - start)
     return result
 
@@ -206,7 +205,6 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(_table(rows))
     out = args.out or RESULTS / f"mil-{'-'.join(devices)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "machine": platform.machine(),
         "processor": platform.processor(),
@@ -215,8 +213,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    print(f"\nwritten to {out}")
+    write_results(out, {"meta": meta, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -22,12 +22,18 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
-import subprocess
 import sys
 import time
 
-GIB = 2**30
+from _common import (
+    GIB,
+    peak_bytes,
+    peak_rss_bytes,
+    run_worker,
+    serve_worker,
+    start_measuring,
+    synchronize,
+)
 
 
 def _worker(spec: dict) -> dict:
@@ -42,19 +48,16 @@ def _worker(spec: dict) -> dict:
     size = spec["size"]
     image = torch.randint(0, 256, (3, size, size), dtype=torch.uint8)
     smoothgrad(model, image[:, : min(size, 512), : min(size, 512)], n_samples=1)  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+    start_measuring(device)
     start = time.perf_counter()
     result = smoothgrad(model, image, n_samples=spec["samples"], noise=0.05, seed=0)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     seconds = time.perf_counter() - start
     row = dict(spec, seconds_per_sample=seconds / spec["samples"])
     row["tiles"] = len(model.streamed.plan((1, 3, size, size)).tiles)
     if device.type == "cuda":
-        row["peak_device_gib"] = torch.cuda.max_memory_allocated() / GIB
-    row["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+        row["peak_device_gib"] = peak_bytes(device) / GIB
+    row["peak_rss_gib"] = peak_rss_bytes() / GIB
     row["finite"] = bool(torch.isfinite(result).all())
     return row
 
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(_worker(json.loads(args.worker))))
+        serve_worker(_worker, args.worker)
         return 0
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, device {args.device}")
     for size in args.sizes:
@@ -80,12 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             "device": args.device,
             "samples": args.samples,
         }
-        cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            print(json.dumps(dict(spec, error=done.stderr.strip().splitlines()[-1:])))
-            continue
-        print(done.stdout.strip().splitlines()[-1], flush=True)
+        print(json.dumps(run_worker(__file__, spec)), flush=True)
     return 0
 
 

@@ -15,15 +15,19 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-GIB = 2**30
+from _common import (
+    GIB,
+    device_name,
+    peak_bytes,
+    run_worker,
+    serve_worker,
+    start_measuring,
+    synchronize,
+    write_results,
+)
 
 
 def _worker(spec: dict) -> dict:
@@ -55,19 +59,13 @@ def _worker(spec: dict) -> dict:
         model.zero_grad(set_to_none=True)
 
     step(spec["size"] if cuda else min(spec["size"], 1024))  # warm-up: kernels, allocator
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+    start_measuring(device)
     start, cpu_start = time.perf_counter(), time.process_time()
     step(spec["size"])
-    if cuda:
-        torch.cuda.synchronize()
+    synchronize(device)
     row = dict(spec, seconds=time.perf_counter() - start)
     row["cpu_seconds"] = time.process_time() - cpu_start
-    if cuda:
-        row["peak_bytes"] = torch.cuda.max_memory_allocated()
-    else:
-        row["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    row["peak_bytes"] = peak_bytes(device)
     if streaming:
         shape = (1, 3, spec["size"], spec["size"])
         plan = model.streamed.plan(shape)
@@ -76,15 +74,6 @@ def _worker(spec: dict) -> dict:
             model.streamed, shape, spec["tile"], input_grad=spec["input_grad"]
         )
     return row
-
-
-def _run_worker(spec: dict) -> dict:
-    cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        reason = done.stderr.strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
-        return dict(spec, error=reason[0])
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _table(rows: list[dict]) -> str:
@@ -128,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(_worker(json.loads(args.worker))))
+        serve_worker(_worker, args.worker)
         return
 
     import torch
@@ -146,22 +135,21 @@ def main(argv: list[str] | None = None) -> None:
     for size in sizes:
         conventional = None
         if size <= args.conventional_max:
-            conventional = _run_worker(dict(common, size=size, mode="conventional", tile=None))
+            conventional = run_worker(
+                __file__, dict(common, size=size, mode="conventional", tile=None)
+            )
             rows.append(conventional)
             print(_table(rows[-1:]).splitlines()[-1], flush=True)
         for tile in args.tile_sizes:
-            row = _run_worker(dict(common, size=size, mode="streaming", tile=tile))
+            row = run_worker(__file__, dict(common, size=size, mode="streaming", tile=tile))
             if conventional and "error" not in conventional and "error" not in row:
                 row["ratio"] = row["seconds"] / conventional["seconds"]
             rows.append(row)
             print(_table(rows[-1:]).splitlines()[-1], flush=True)
     print(_table(rows))
-    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     out = args.out or Path(__file__).parent / "results" / f"streaming_{device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(device=device, device_name=name, torch=torch.__version__, args=vars(args))
-    out.write_text(json.dumps(dict(meta, results=rows), indent=2, default=str) + "\n")
-    print(f"wrote {out}")
+    meta = dict(device=device, device_name=device_name(device), torch=torch.__version__)
+    write_results(out, dict(meta, args=vars(args), results=rows))
 
 
 if __name__ == "__main__":

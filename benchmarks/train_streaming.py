@@ -20,15 +20,20 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-GIB = 2**30
+from _common import (
+    GIB,
+    device_name,
+    peak_bytes,
+    run_worker,
+    serve_worker,
+    start_measuring,
+    synchronize,
+    write_results,
+)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -81,15 +86,12 @@ def _worker(spec: dict) -> dict:
     trainer.begin_stage(stage, params.train.lr if stage == 1 else params.train.stage2_lr)
     trainer.train_epoch(EpochRun(stage, 1, 1, 1e-4))  # warm-up: thread pools, kernels
     trainer.epoch_images = spec["images"]
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+    start_measuring(device)
     start = time.perf_counter()
     metrics = trainer.train_epoch(EpochRun(stage, 2, 2, 1e-4))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     seconds = time.perf_counter() - start
-    row = dict(
+    return dict(
         spec,
         size=size,
         arch=params.streaming.arch,
@@ -100,21 +102,8 @@ def _worker(spec: dict) -> dict:
         seconds=seconds,
         images_per_hour=metrics["train_images"] / seconds * 3600,
         mixed_precision=device.type == "cuda" and params.run.mixed_precision,
+        peak_bytes=peak_bytes(device),
     )
-    if device.type == "cuda":
-        row["peak_bytes"] = torch.cuda.max_memory_allocated()
-    else:
-        row["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return row
-
-
-def _run_worker(spec: dict) -> dict:
-    cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
-    if done.returncode != 0:
-        reason = done.stderr.strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
-        return dict(spec, error=reason[0])
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _table(rows: list[dict]) -> str:
@@ -144,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(_worker(json.loads(args.worker))))
+        serve_worker(_worker, args.worker)
         return
 
     import torch
@@ -163,18 +152,12 @@ def main(argv: list[str] | None = None) -> None:
                 device=str(device),
                 threads=args.threads,
             )
-            rows.append(_run_worker(spec))
+            rows.append(run_worker(__file__, spec, cwd=ROOT))
             print(_table(rows[-1:]).splitlines()[-1], flush=True)
     print(_table(rows))
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
     out = args.out or Path(__file__).parent / "results" / f"train_streaming_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(device=str(device), device_name=name, torch=torch.__version__, args=vars(args))
-    out.write_text(json.dumps(dict(meta, results=rows), indent=2, default=str) + "\n")
-    print(f"wrote {out}")
+    meta = dict(device=str(device), device_name=device_name(device), torch=torch.__version__)
+    write_results(out, dict(meta, args=vars(args), results=rows))
 
 
 if __name__ == "__main__":

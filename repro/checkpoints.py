@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, safe loads, the moving-average window pick and weight averaging.
+"""Checkpoints: atomic saves, safe loads, the moving-average window pick and weight averaging.
 
 Shared by the streaming trainer and the MIL baseline (via :mod:`repro.schedule`).
 
@@ -8,24 +8,22 @@ window with the lowest loss, taking the middle checkpoint of the averaging windo
 set loss. We averaged the weights of these checkpoints" (inference weights; after Izmailov et al.,
 stochastic weight averaging).
 
-Files are written to a temporary name in the same directory, flushed and fsynced, then renamed
-over the target (:func:`save_checkpoint`), so a process killed at any moment leaves either the old
-file or the new one, never half of one. Loading always uses ``torch.load(weights_only=True)``:
-checkpoints hold tensors and plain Python values only, never pickled objects.
+Checkpoints are written atomically (:func:`repro.atomic.atomic_path`), so a process killed at any
+moment leaves either the old file or the new one, never half of one. Loading always uses
+``torch.load(weights_only=True)``: checkpoints hold tensors and plain Python values only, never
+pickled objects.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-PathLike = str | os.PathLike[str]
+from repro.atomic import PathLike, atomic_path
 
 
 class CheckpointError(RuntimeError):
@@ -41,33 +39,9 @@ def save_checkpoint(state: Mapping[str, Any], path: PathLike) -> Path:
     Returns:
         The path written.
     """
-    return _write_atomic(path, "wb", lambda stream: torch.save(dict(state), stream))
-
-
-def write_text_atomic(path: PathLike, text: str) -> Path:
-    """Write a text file (CSV, JSON, YAML) atomically, as :func:`save_checkpoint` does."""
-    return _write_atomic(path, "w", lambda stream: stream.write(text))
-
-
-def _write_atomic(path: PathLike, mode: str, write: Callable[[IO], object]) -> Path:
-    """Temporary file next to ``path``, ``write(stream)``, fsync, rename, fsync the directory."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
-    )
-    try:
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
-        with os.fdopen(handle, mode) as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    _fsync_directory(target.parent)
-    return target
+    with atomic_path(path) as temporary, open(temporary, "wb") as stream:
+        torch.save(dict(state), stream)
+    return Path(path)
 
 
 def load_checkpoint(path: PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -83,15 +57,6 @@ def load_checkpoint(path: PathLike, map_location: str | torch.device = "cpu") ->
         return torch.load(source, map_location=map_location, weights_only=True)
     except Exception as error:  # re-raised with the path
         raise CheckpointError(f"cannot load checkpoint {source}: {error}") from error
-
-
-def remove_stale_temporaries(directory: PathLike) -> list[Path]:
-    """Delete temporary files left by writers that were killed mid-write; returns them."""
-    folder = Path(directory)
-    stale = sorted(folder.glob(".*.tmp")) if folder.exists() else []
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
 
 
 def moving_averages(losses: Sequence[float], window: int) -> np.ndarray:
@@ -193,22 +158,3 @@ def _check_window(values: np.ndarray, window: int) -> None:
         raise ValueError(f"window must be a positive int, got {window!r}")
     if window > len(values):
         raise ValueError(f"window={window} is longer than the {len(values)} losses given")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_directory(directory: Path) -> None:
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. platforms without directory file descriptors
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)

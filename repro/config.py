@@ -342,6 +342,7 @@ def stream_stride(params: Params) -> int:
 
 
 _IPYTHON_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open"}
+_YAML11_EXPONENT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 _YAML_TYPES = (dict, list, str, int, float, bool, type(None))
 
 
@@ -417,6 +418,8 @@ def _coerce(value: Any, annotation: Any) -> tuple[Any, str | None]:
     if annotation is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value), None
+        if isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value.strip()):
+            return float(value), None  # PyYAML reads 1e-5 (no dot) as a string
         return None, f"expected float, got {value!r}"
     if annotation is str:
         return (value, None) if isinstance(value, str) else (None, f"expected str, got {value!r}")

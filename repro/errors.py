@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from repro.checkpoints import write_text_atomic
+from repro.atomic import write_text_atomic
 from repro.config import Params, resolve_path
 from repro.evaluation import METHOD_NAMES
 from repro.metrics import max_accuracy_threshold
@@ -153,7 +153,7 @@ def load_labels(path: str | os.PathLike[str]) -> pd.DataFrame:
 
 
 def save_labels(labels: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
-    """Write labels atomically (:func:`repro.checkpoints.write_text_atomic`: a temporary file in
+    """Write labels atomically (:func:`repro.atomic.write_text_atomic`: a temporary file in
     the same folder, fsync, rename, fsync of the folder).
 
     A crash leaves either the old file or the new one, never a truncated mix. Rows are sorted by

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from repro.checkpoints import write_text_atomic
+from repro.atomic import write_text_atomic
 from repro.config import Params, ParamsError, load_params, resolve_path
 from repro.metrics import auc_with_ci, delong_test, paired_bootstrap_test
 
@@ -53,7 +53,7 @@ def patch_scores_path(run_dir: str | os.PathLike[str], split: str = "test") -> P
 
 
 def write_csv(frame: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
-    """Write a CSV atomically (:func:`repro.checkpoints.write_text_atomic`)."""
+    """Write a CSV atomically (:func:`repro.atomic.write_text_atomic`)."""
     return write_text_atomic(path, frame.to_csv(index=False))
 
 

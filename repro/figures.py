@@ -11,11 +11,9 @@ the figure files (``make demo`` ends with it).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
-from repro.checkpoints import write_text_atomic
+from repro.atomic import atomic_path, write_text_atomic
 from repro.evaluation import METHOD_NAMES, format_auc
 
 FORMATS = ("png", "pdf")
@@ -55,7 +53,8 @@ def save_figure(figure: Figure, stem: str | os.PathLike[str], dpi: int = 150) ->
     paths = []
     for suffix in FORMATS:
         path = stem.with_name(f"{stem.name}.{suffix}")
-        _atomic_write(path, lambda file, fmt=suffix: figure.savefig(file, format=fmt, dpi=dpi))
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, format=suffix, dpi=dpi)
         paths.append(path)
     return paths
 
@@ -92,22 +91,6 @@ def save_table(
     text = markdown if markdown is not None else markdown_table(frame)
     md = write_text_atomic(stem.with_name(f"{stem.name}.md"), text)
     return [csv, md]
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Binary ``write(file)`` to a temporary file next to ``path``, then rename (usual mode)."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(temporary, 0o666 & ~mask)  # mkstemp makes 0600
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
 
 
 # ----------------------------------------------------------------------------- Fig. 3
@@ -256,24 +239,15 @@ def heatmap_figure(examples: Sequence[HeatmapExample], title: str = "", column_w
             row[2], example.thumbnail, example.patches, "probability", "MIL: patch probability"
         )
         probability_artist = artist or probability_artist
-    if saliency_artist is not None:
-        figure.colorbar(
-            saliency_artist,
-            ax=axes[:, 1],
-            location="bottom",
-            shrink=0.8,
-            aspect=30,
-            label="SmoothGrad sensitivity (scaled)",
-        )
-    if probability_artist is not None:
-        figure.colorbar(
-            probability_artist,
-            ax=axes[:, 2],
-            location="bottom",
-            shrink=0.8,
-            aspect=30,
-            label="MIL patch P(cancer)",
-        )
+    colorbars = [
+        (saliency_artist, 1, "SmoothGrad sensitivity (scaled)"),
+        (probability_artist, 2, "MIL patch P(cancer)"),
+    ]
+    for artist, column, label in colorbars:
+        if artist is not None:
+            figure.colorbar(
+                artist, ax=axes[:, column], location="bottom", shrink=0.8, aspect=30, label=label
+            )
     if title:
         figure.suptitle(title)
     return figure

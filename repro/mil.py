@@ -41,18 +41,18 @@ from scipy.special import expit
 from torch import nn
 from tqdm.auto import tqdm
 
-from repro.checkpoints import CheckpointError, load_checkpoint, save_checkpoint, write_text_atomic
-from repro.config import Params, format_params
+from repro.atomic import write_text_atomic
+from repro.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from repro.config import Params
+from repro.data.sampling import BalancedSampler, KeySampler, persistent_loader
 from repro.runtime import (
     DistributedContext,
     all_gather_objects,
     autocast,
     barrier,
     broadcast_parameters,
-    init_distributed,
     seed_everything,
     select_device,
-    set_torch_threads,
     use_channels_last,
 )
 from repro.schedule import (
@@ -63,6 +63,7 @@ from repro.schedule import (
     load_final_weights,
     run_schedule,
     save_loss_curves,
+    start_run,
 )
 from repro.train import StreamingTrainer, trainer_options, tuning_metrics
 
@@ -388,21 +389,16 @@ class PatchLoader:
 
     def __init__(self, dataset: PatchDataset, *, num_workers: int = 0, pin_memory: bool = False):
         self.dataset = dataset
-        self._feed = _Feed()
-        self.loader: torch.utils.data.DataLoader | None = torch.utils.data.DataLoader(
-            dataset,
-            batch_sampler=self._feed,
-            num_workers=num_workers,
-            multiprocessing_context="spawn" if num_workers > 0 else None,
-            persistent_workers=num_workers > 0,
-            pin_memory=pin_memory,
+        self._feed = KeySampler()
+        self.loader: torch.utils.data.DataLoader | None = persistent_loader(
+            dataset, num_workers=num_workers, pin_memory=pin_memory, batch_sampler=self._feed
         )
 
     def batches(self, keys: Sequence[Any], batch_size: int) -> Iterator[dict[str, Any]]:
         """Collated batches of the items of ``keys``, in order."""
         if self.loader is None:
             raise RuntimeError("this PatchLoader is closed")
-        self._feed.batches = [keys[i : i + batch_size] for i in range(0, len(keys), batch_size)]
+        self._feed.keys = [keys[i : i + batch_size] for i in range(0, len(keys), batch_size)]
         return iter(self.loader)
 
     def close(self) -> None:
@@ -414,19 +410,6 @@ class PatchLoader:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-class _Feed(torch.utils.data.Sampler):
-    """A batch sampler whose batches are replaced before each pass (in the main process)."""
-
-    def __init__(self) -> None:
-        self.batches: list[Sequence[Any]] = []
-
-    def __iter__(self) -> Iterator[Sequence[Any]]:
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
 
 
 @torch.no_grad()
@@ -700,17 +683,10 @@ def train_mil(
     ``patch_scores/`` (patch probabilities of the tuning and test biopsies, see :func:`predict`)
     and ``loss_curves.png``. Running it again with the same params resumes where it stopped.
     """
-    from repro.data.sampling import BalancedSampler
     from repro.data.splits import load_split
 
-    set_torch_threads(params.run.torch_threads)
-    context = context or init_distributed(params.run.device)
-    device = select_device(params.run.device, context.local_rank)
     out = mil_dir(params)
-    if context.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "params.yaml", format_params(params))
-    barrier(context)
+    context, device = start_run(params, out, context)
 
     train_rows = load_split(params, "train").reset_index(drop=True)
     tune_rows = load_split(params, "tune").reset_index(drop=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 import papermill
 from tqdm.auto import tqdm
 
+from repro.atomic import write_text_atomic
 from repro.config import PROJECT_ROOT, Params, load_params
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
@@ -123,6 +124,4 @@ def _is_complete(marker: Path, output: Path, fingerprint: str) -> bool:
 
 
 def _write_marker(marker: Path, fingerprint: str) -> None:
-    partial = marker.with_suffix(".tmp")
-    partial.write_text(json.dumps({"params_sha256": fingerprint}))
-    os.replace(partial, marker)
+    write_text_atomic(marker, json.dumps({"params_sha256": fingerprint}))

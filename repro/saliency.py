@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,6 +33,7 @@ from scipy.ndimage import gaussian_filter
 from torch import nn
 from tqdm.auto import tqdm
 
+from repro.atomic import atomic_path
 from repro.config import Params
 
 if TYPE_CHECKING:
@@ -324,10 +324,8 @@ def smoothgrad_map(
     )
     reduced = reduce_gradient(gradient, settings.heatmap_size)
     del gradient
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.stem}.partial.npz")
-    np.savez(partial, heatmap=reduced, **meta)
-    os.replace(partial, path)
+    with atomic_path(path) as temporary, open(temporary, "wb") as stream:
+        np.savez(stream, heatmap=reduced, **meta)
     return reduced
 
 

@@ -40,6 +40,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from repro.atomic import remove_stale_temporaries, write_text_atomic
 from repro.checkpoints import (
     CheckpointError,
     average_state_dicts,
@@ -47,10 +48,18 @@ from repro.checkpoints import (
     moving_average_window,
     moving_averages,
     nonfinite_tensors,
-    remove_stale_temporaries,
     save_checkpoint,
 )
-from repro.runtime import DistributedContext, barrier, get_rng_state, set_rng_state
+from repro.config import Params, format_params
+from repro.runtime import (
+    DistributedContext,
+    barrier,
+    get_rng_state,
+    init_distributed,
+    select_device,
+    set_rng_state,
+    set_torch_threads,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -307,7 +316,7 @@ def run_schedule(
             "selection": selection,
         }
         save_checkpoint(final, final_path)
-        _write_text(out / "selection.json", json.dumps(selection, indent=2) + "\n")
+        write_text_atomic(out / "selection.json", json.dumps(selection, indent=2) + "\n")
         write_metrics(history, out / "metrics.csv")
     barrier(context)
     return ScheduleResult(final_path, selection, history)
@@ -335,7 +344,7 @@ def write_metrics(history: Sequence[Mapping[str, Any]], path: str | os.PathLike[
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
-    _write_text(Path(path), buffer.getvalue())
+    write_text_atomic(path, buffer.getvalue())
 
 
 def read_selection(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -361,6 +370,20 @@ def describe_selection(selection: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def start_run(
+    params: Params, out: Path, context: DistributedContext | None = None
+) -> tuple[DistributedContext, torch.device]:
+    """Torch threads, the process group (``context`` or a new one) and this rank's device of a
+    training run writing to ``out``; the main process writes the resolved ``out/params.yaml``."""
+    set_torch_threads(params.run.torch_threads)
+    context = context or init_distributed(params.run.device)
+    device = select_device(params.run.device, context.local_rank)
+    if context.is_main:
+        write_text_atomic(out / "params.yaml", format_params(params))
+    barrier(context)
+    return context, device
+
+
 def command_line(
     prog: str, train: Callable[..., ScheduleResult], argv: Sequence[str] | None = None
 ) -> int:
@@ -373,7 +396,7 @@ def command_line(
     import argparse
 
     from repro.config import load_params
-    from repro.runtime import init_distributed, shutdown_distributed
+    from repro.runtime import shutdown_distributed
 
     parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=train.__doc__)
     parser.add_argument("params", help="params YAML, e.g. params/full.yaml")
@@ -573,12 +596,3 @@ def _summary(row: Mapping[str, Any]) -> str:
 
 def _relative(path: Path, root: Path) -> str:
     return str(path.relative_to(root))
-
-
-def _write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w") as stream:
-        stream.write(text)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, path)

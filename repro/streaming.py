@@ -270,11 +270,18 @@ def _run(
     strides = [node.geometry[a].stride for a in (0, 1)]
     crops = [node.geometry[a].needs(*target[a], size[a]) for a in (0, 1)]
     starts = [_aligned(crops[a][0], strides[a] * align[a]) for a in (0, 1)]
-    rows, cols = (slice(starts[a] - origin[a], crops[a][1] - origin[a]) for a in (0, 1))
-    y = node.module(x[..., rows, cols])
+    y = node.module(_crop(x, [(starts[a] - origin[a], crops[a][1] - origin[a]) for a in (0, 1)]))
     keep = [_aligned(target[a][0], align[a]) - starts[a] // strides[a] for a in (0, 1)]
-    ends = [target[a][1] - starts[a] // strides[a] for a in (0, 1)]
-    return y[..., keep[0] : ends[0], keep[1] : ends[1]]
+    return _crop(y, [(keep[a], target[a][1] - starts[a] // strides[a]) for a in (0, 1)])
+
+
+def _crop(x: torch.Tensor, window: Sequence[Range]) -> torch.Tensor:
+    """``x[..., rows, cols]``, or ``x`` itself when the window covers it (pointwise layers): an
+    identity slice would cost a zero-filled gradient copy in the backward pass."""
+    (r0, r1), (c0, c1) = window
+    if r0 == 0 and c0 == 0 and r1 >= x.shape[-2] and c1 >= x.shape[-1]:
+        return x
+    return x[..., r0:r1, c0:c1]
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -36,8 +35,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from repro.atomic import write_text_atomic
 from repro.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
-from repro.config import Params, format_params
+from repro.config import Params
+from repro.data.sampling import BalancedSampler, KeySampler, persistent_loader
 from repro.runtime import (
     DistributedContext,
     all_gather_objects,
@@ -46,11 +47,9 @@ from repro.runtime import (
     autocast,
     barrier,
     broadcast_parameters,
-    init_distributed,
     make_grad_scaler,
     seed_everything,
     select_device,
-    set_torch_threads,
     use_channels_last,
 )
 from repro.schedule import (
@@ -62,6 +61,7 @@ from repro.schedule import (
     load_final_weights,
     run_schedule,
     save_loss_curves,
+    start_run,
 )
 
 logger = logging.getLogger(__name__)
@@ -237,7 +237,7 @@ class StreamingTrainer:
         self.stage = 0
         self.last_tune_predictions: pd.DataFrame | None = None
         self.stack_items = False  # True: one forward/backward per mini-batch (see train_minibatch)
-        self._shared: tuple[Any, _KeySampler] | None = None
+        self._shared: tuple[Any, KeySampler] | None = None
 
     # -- MethodTrainer
 
@@ -445,30 +445,17 @@ class _Indexed(torch.utils.data.Dataset):
         return {**data[index], "index": index}
 
 
-class _KeySampler(torch.utils.data.Sampler):
-    """The keys of the next pass (set before each ``iter(loader)``)."""
-
-    def __init__(self) -> None:
-        self.keys: list[tuple[int, int, int]] = []
-
-    def __iter__(self):
-        return iter(list(self.keys))
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-
-def _make_loader(datasets: Sequence[Any], num_workers: int, device: torch.device, seed: int):
-    sampler = _KeySampler()
-    loader = torch.utils.data.DataLoader(
+def _make_loader(
+    datasets: Sequence[Any], num_workers: int, device: torch.device, seed: int
+) -> tuple[torch.utils.data.DataLoader, KeySampler]:
+    sampler = KeySampler()
+    loader = persistent_loader(
         _Indexed(datasets),
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
         sampler=sampler,
         batch_size=None,
-        num_workers=num_workers,
-        multiprocessing_context="spawn" if num_workers > 0 else None,
-        persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed),  # leaves the global RNG alone
-        pin_memory=device.type == "cuda",
     )
     return loader, sampler
 
@@ -677,17 +664,10 @@ def train_streaming(
     ``loss_curves.png``. Running it again with the same params resumes where it stopped.
     """
     from repro.data.dataset import BiopsyDataset
-    from repro.data.sampling import BalancedSampler
     from repro.data.splits import load_split
 
-    set_torch_threads(params.run.torch_threads)
-    context = context or init_distributed(params.run.device)
-    device = select_device(params.run.device, context.local_rank)
     out = streaming_dir(params)
-    if context.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_text(out / "params.yaml", format_params(params))
-    barrier(context)
+    context, device = start_run(params, out, context)
 
     model = _initial_model(params, out, context).to(device)
     if use_channels_last(device, params.run.channels_last):
@@ -734,7 +714,8 @@ def train_streaming(
     )
     frame = trainer.predict_dataset(tune_data, desc="tuning set, final weights")
     if context.is_main:
-        _write_csv(frame[["image_id", "label", "score"]], out / "predictions_tune.csv")
+        predictions = frame[["image_id", "label", "score"]].to_csv(index=False)
+        write_text_atomic(out / "predictions_tune.csv", predictions)
         import matplotlib.pyplot as plt
 
         plt.close(save_loss_curves(out))
@@ -787,20 +768,7 @@ def _empty_predictions() -> pd.DataFrame:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    _write_text(path, json.dumps(value, indent=2) + "\n")
-
-
-def _write_csv(frame: pd.DataFrame, path: Path) -> None:
-    _write_text(path, frame.to_csv(index=False))
-
-
-def _write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w") as stream:
-        stream.write(text)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, path)
+    write_text_atomic(path, json.dumps(value, indent=2) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

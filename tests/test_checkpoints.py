@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from repro.atomic import remove_stale_temporaries
 from repro.checkpoints import (
     CheckpointError,
     average_state_dicts,
@@ -16,7 +17,6 @@ from repro.checkpoints import (
     moving_average_window,
     moving_averages,
     nonfinite_tensors,
-    remove_stale_temporaries,
     save_checkpoint,
 )
 from repro.runtime import get_rng_state, set_rng_state

@@ -86,6 +86,16 @@ def test_negative_lr_names_file_and_key(tmp_path):
     assert "train.lr: must be > 0, got -1.0" in str(error.value)
 
 
+@pytest.mark.parametrize(("text", "lr"), [("1e-5", 1e-5), ("2.5E-4", 2.5e-4), ("3", 3.0)])
+def test_float_in_exponent_notation_without_dot(tmp_path, text, lr):
+    assert load_params(write(tmp_path, f"train:\n  lr: {text}\n")).train.lr == lr
+
+
+def test_float_field_rejects_other_strings(tmp_path):
+    with pytest.raises(ParamsError, match=r"train\.lr: expected float, got 'fast'"):
+        load_params(write(tmp_path, "train:\n  lr: fast\n"))
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

@@ -207,7 +207,7 @@ def test_failures_are_recorded_and_the_run_goes_on(raw_with_problems, tmp_path):
     for row in ok.itertuples():
         assert (tmp_path / "prepared" / row.path).exists()
         assert (tmp_path / "prepared" / row.mask_path).exists()
-    assert not list((tmp_path / "prepared").rglob("*.partial"))
+    assert not list((tmp_path / "prepared").rglob(".*.tmp"))
 
 
 def test_rerun_skips_finished_and_redoes_partial(raw_with_problems, tmp_path):
@@ -225,14 +225,14 @@ def test_rerun_skips_finished_and_redoes_partial(raw_with_problems, tmp_path):
     # Simulate an interrupted run: one image's record missing and a stale temporary file, one
     # image whose TIFF was truncated after the record was written.
     (prepared / "records" / f"{good_ids[1]}.json").unlink()
-    (prepared / "images" / f"{good_ids[1]}.tiff.partial").write_bytes(b"half written")
+    (prepared / "images" / f".{good_ids[1]}.tiff.x1y2.tmp").write_bytes(b"half written")
     damaged = images[good_ids[2]]
     damaged.write_bytes(damaged.read_bytes()[:3000])
     manifest = prepare_dataset(params, progress=False)
     assert (manifest.set_index("image_id").loc[good_ids, "status"] == OK).all()
     redone = {i for i, p in images.items() if p.stat().st_mtime_ns != mtimes[i]}
     assert redone == {good_ids[1], good_ids[2]}
-    assert not list(prepared.rglob("*.partial"))
+    assert not list(prepared.rglob(".*.tmp"))
 
     # Changing a preparation setting redoes every image.
     other = _params(raw, prepared, tissue_saturation=0.08)

@@ -60,10 +60,10 @@ def test_missing_image_is_regenerated(raw_set, tmp_path):
     root = generate_synthetic_panda(tmp_path / "partial", n_images=12, size=512, seed=7)
     victim = sorted((root / "train_images").glob("*.tiff"))[3]
     victim.unlink()
-    (root / "train_images" / "stale.tiff.partial").write_bytes(b"half")
+    (root / "train_images" / f".{victim.name}.x1y2.tmp").write_bytes(b"half")
     generate_synthetic_panda(root, n_images=12, size=512, seed=7)
     assert victim.read_bytes() == (raw_set / "train_images" / victim.name).read_bytes()
-    assert not list((root / "train_images").glob("*.partial"))
+    assert not list((root / "train_images").glob(".*.tmp"))
 
 
 def test_seed_changes_the_set():

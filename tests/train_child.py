@@ -23,7 +23,7 @@ import signal
 import numpy as np
 import torch
 
-from repro import checkpoints
+from repro import atomic
 from repro import train as train_module
 from repro.data.sampling import BalancedSampler
 from repro.models import build_streaming_resnet
@@ -121,7 +121,7 @@ def run_schedule_job(out_dir, kill_at_step=None, kill_in_save=None, checkpoint_e
                     _kill_self()
             return original_replace(source, target)
 
-        checkpoints.os.replace = dying_replace
+        atomic.os.replace = dying_replace
     trainer = make_trainer()
     settings = ScheduleSettings(**{**SETTINGS.__dict__, "checkpoint_every": checkpoint_every})
     run_schedule(trainer, settings, out_dir)

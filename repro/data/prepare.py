@@ -48,6 +48,7 @@ import pandas as pd
 import pyvips
 from tqdm.auto import tqdm
 
+from repro.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
 from repro.config import Params, check_data_paths, resolve_path
 from repro.data.slides import SlideError, crop_or_pad, explain_error, open_slide, save_pyramid
 from repro.data.synthetic import generate_synthetic_panda
@@ -264,18 +265,14 @@ def prepare_image(
     _paste(out_mask, mask[my0:my1, mx0:mx1], left // down, top // down)
     tissue_total = int(mask.sum())
 
-    image_path, mask_path = Path(image_path), Path(mask_path)
-    partial_image = image_path.with_name(image_path.name + ".partial")
-    partial_mask = mask_path.with_name(mask_path.name + ".partial")
-    try:
-        save_pyramid(prepared, partial_image, settings.target_mpp)
-    except pyvips.Error as error:
-        partial_image.unlink(missing_ok=True)
-        reason = explain_error(error, "cannot read or write pixels")
-        raise SlideError(f"{source}: {reason}") from None
-    pyvips.Image.new_from_array(out_mask.astype(np.uint8) * 255).pngsave(str(partial_mask))
-    os.replace(partial_mask, mask_path)
-    os.replace(partial_image, image_path)
+    with atomic_path(image_path) as partial_image:  # renamed after the mask
+        try:
+            save_pyramid(prepared, partial_image, settings.target_mpp)
+        except pyvips.Error as error:
+            reason = explain_error(error, "cannot read or write pixels")
+            raise SlideError(f"{source}: {reason}") from None
+        with atomic_path(mask_path) as partial_mask:
+            pyvips.Image.new_from_array(out_mask.astype(np.uint8) * 255).pngsave(str(partial_mask))
     return {
         "width": size,
         "height": size,
@@ -348,7 +345,7 @@ def prepare_dataset(params: Params, *, progress: bool = True) -> pd.DataFrame:
     prepared = resolve_path(data.prepared_dir)
     for folder in ("images", "masks", "records"):
         (prepared / folder).mkdir(parents=True, exist_ok=True)
-    _remove_partials(prepared)
+        remove_stale_temporaries(prepared / folder)
     settings = PrepareSettings.from_params(params)
     labels = read_labels(raw / "train.csv", data.data_provider)
 
@@ -382,13 +379,13 @@ def prepare_dataset(params: Params, *, progress: bool = True) -> pd.DataFrame:
         rows[image_id] = {**rows[image_id], **result}
         completed += 1
         if completed % _SAVE_EVERY == 0:
-            _write_manifest(manifest_path, _frame(rows, order))
+            write_text_atomic(manifest_path, _frame(rows, order).to_csv(index=False))
 
     try:
         _run_tasks(tasks, params.run.num_workers, record, progress)
     finally:
         manifest = _frame(rows, order)
-        _write_manifest(manifest_path, manifest)
+        write_text_atomic(manifest_path, manifest.to_csv(index=False))
     ok = manifest["status"] == OK
     logger.info(
         "%d images ok (%d prepared now, %d already done), %d failed; manifest: %s",
@@ -471,9 +468,7 @@ def _prepare_one(task: _Task) -> dict[str, Any]:
         "status": OK,
     }
     record = {"fingerprint": task.settings.fingerprint(), "row": row}
-    partial = paths["record"].with_name(paths["record"].name + ".partial")
-    partial.write_text(json.dumps(record, indent=1))
-    os.replace(partial, paths["record"])
+    write_text_atomic(paths["record"], json.dumps(record, indent=1))
     return row
 
 
@@ -546,15 +541,3 @@ def _frame(rows: dict[str, dict[str, Any]], order: list[str]) -> pd.DataFrame:
         if column not in frame.columns:
             frame[column] = np.nan
     return frame[MANIFEST_COLUMNS]
-
-
-def _write_manifest(path: Path, manifest: pd.DataFrame) -> None:
-    partial = path.with_name(path.name + ".partial")
-    manifest.to_csv(partial, index=False)
-    os.replace(partial, path)
-
-
-def _remove_partials(prepared: Path) -> None:
-    for folder in ("images", "masks", "records"):
-        for stale in (prepared / folder).glob("*.partial"):
-            stale.unlink(missing_ok=True)

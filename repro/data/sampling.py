@@ -1,10 +1,16 @@
-"""Random oversampling of the minority class (paper IV-A: "we randomly oversampled negative cases
-to counter the imbalance"), shared by streaming training and MIL."""
+"""Samplers and loaders shared by streaming training and MIL.
+
+:class:`BalancedSampler`: random oversampling of the minority class (paper IV-A: "we randomly
+oversampled negative cases to counter the imbalance"). :func:`persistent_loader` with a
+:class:`KeySampler`: one set of worker processes for a whole run, told before each pass which
+items to read.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,6 +85,40 @@ class BalancedSampler(torch.utils.data.Sampler[int]):
         if total > len(indices):
             indices = np.concatenate([indices, indices[: total - len(indices)]])
         return iter(int(i) for i in indices[self.rank : total : self.num_replicas])
+
+
+class KeySampler(torch.utils.data.Sampler):
+    """Yields ``keys`` as they are when a pass starts: set them before each ``iter(loader)``.
+
+    As a DataLoader's ``sampler`` the keys are item keys; as its ``batch_sampler``, batches of keys.
+    """
+
+    def __init__(self) -> None:
+        self.keys: list[Any] = []
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(list(self.keys))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def persistent_loader(
+    dataset: torch.utils.data.Dataset, *, num_workers: int, pin_memory: bool, **options: Any
+) -> torch.utils.data.DataLoader:
+    """A DataLoader whose ``num_workers`` worker processes are started once and serve every pass.
+
+    Workers are spawned (pyvips and fork do not mix, see :mod:`repro.data.dataset`); ``options``
+    (the sampler or batch sampler, ``batch_size``, ``generator``) go to the DataLoader.
+    """
+    return torch.utils.data.DataLoader(
+        dataset,
+        num_workers=num_workers,
+        multiprocessing_context="spawn" if num_workers > 0 else None,
+        persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
+        **options,
+    )
 
 
 def _repeat_to(indices: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:

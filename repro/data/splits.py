@@ -21,13 +21,13 @@ filling up. Only images whose manifest status is ``"ok"`` take part.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from repro.atomic import write_text_atomic
 from repro.config import Params, resolve_path
 
 SPLITS = ("train", "tune", "test")
@@ -95,9 +95,7 @@ def make_splits(manifest: pd.DataFrame, params: Params, write: bool = True) -> p
     )
     splits = usable[SPLIT_COLUMNS].reset_index(drop=True)
     if write:
-        path = splits_path(params)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_csv(splits, path)
+        write_text_atomic(splits_path(params), splits.to_csv(index=False))
     return splits
 
 
@@ -285,23 +283,9 @@ def table1_markdown(table: pd.DataFrame, title: str = "") -> str:
 
 def save_table1(table: pd.DataFrame, params: Params) -> dict[str, Path]:
     """Write ``<figures_dir>/table1_<experiment>.csv`` and ``.md`` (atomically)."""
-    folder = resolve_path(params.evaluation.figures_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = folder / f"table1_{params.experiment}"
+    stem = resolve_path(params.evaluation.figures_dir) / f"table1_{params.experiment}"
     csv_path, md_path = stem.with_suffix(".csv"), stem.with_suffix(".md")
-    _atomic_csv(table, csv_path)
+    write_text_atomic(csv_path, table.to_csv(index=False))
     title = f"Table I ({params.experiment}): distribution over the primary Gleason pattern"
-    _atomic_text(md_path, table1_markdown(table, title))
+    write_text_atomic(md_path, table1_markdown(table, title))
     return {"csv": csv_path, "md": md_path}
-
-
-def _atomic_csv(frame: pd.DataFrame, path: Path) -> None:
-    partial = path.with_name(path.name + ".partial")
-    frame.to_csv(partial, index=False)
-    os.replace(partial, path)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)

@@ -39,6 +39,7 @@ import pandas as pd
 import pyvips
 from tqdm.auto import tqdm
 
+from repro.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
 from repro.data.slides import save_pyramid
 
 LEVEL0_MPP = 0.48
@@ -124,11 +125,10 @@ def generate_synthetic_panda(
             )
     images_dir = root / "train_images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(info_path, json.dumps(info, indent=2))
+    write_text_atomic(info_path, json.dumps(info, indent=2))
     cases = synthetic_cases(n_images, seed)
     missing = [case for case in cases if not (images_dir / f"{case.image_id}.tiff").exists()]
-    for stale in images_dir.glob("*.partial"):
-        stale.unlink()
+    remove_stale_temporaries(images_dir)
     for case in tqdm(missing, desc="synthetic slides", unit="slide", disable=not missing):
         rng = np.random.default_rng([seed, case.index])
         pixels = render_biopsy(rng, size // 2, size // 4, case.primary, case.secondary)
@@ -148,7 +148,7 @@ def generate_synthetic_panda(
     )
     csv_path = root / "train.csv"
     if not csv_path.exists() or missing:
-        _atomic_write_text(csv_path, table.to_csv(index=False))
+        write_text_atomic(csv_path, table.to_csv(index=False))
     if missing:
         logger.info("synthetic set: wrote %d of %d slides to %s", len(missing), n_images, root)
     return root
@@ -243,13 +243,11 @@ def write_slide(
 ) -> None:
     """Save an RGB uint8 image as a tiled, JPEG-compressed pyramidal TIFF with resolution tags
     (written to a temporary name, renamed when complete)."""
-    path = Path(path)
     image = pixels
     if isinstance(pixels, np.ndarray):
         image = pyvips.Image.new_from_array(np.ascontiguousarray(pixels), interpretation="srgb")
-    partial = path.with_name(path.name + ".partial")
-    save_pyramid(image, partial, mpp)
-    os.replace(partial, path)
+    with atomic_path(path) as temporary:
+        save_pyramid(image, temporary, mpp)
 
 
 @functools.lru_cache(maxsize=4)
@@ -461,9 +459,3 @@ def _largest_remainder(total: int, weights: dict[int, float]) -> dict[int, int]:
             counts[donor] -= 1
             counts[key] += 1
     return counts
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
