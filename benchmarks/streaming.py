@@ -5,7 +5,9 @@ gradient with respect to the input requested, as SmoothGrad needs it. Every meas
 fresh subprocess (``--worker``), so each peak memory is that configuration's own: on CUDA the
 synchronised time and ``torch.cuda.max_memory_allocated``; on CPU the wall time and the peak RSS.
 The process CPU time is recorded too (on a shared CPU it varies less than the wall time, but it
-counts the threads' spin-waiting). The ratio is streaming / conventional wall time, same run.
+counts the threads' spin-waiting). The ratio is streaming / conventional wall time, same run; with
+``--repeats N`` each is the median of N steps (on CPU the first touch of fresh memory, i.e. page
+faults, varies a lot between runs).
 
 Example::
 
@@ -15,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
@@ -60,12 +63,15 @@ def _worker(spec: dict) -> dict:
 
     step(spec["size"] if cuda else min(spec["size"], 1024))  # warm-up: kernels, allocator
     start_measuring(device)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    step(spec["size"])
-    synchronize(device)
-    row = dict(spec, seconds=time.perf_counter() - start)
-    row["cpu_seconds"] = time.process_time() - cpu_start
-    row["peak_bytes"] = peak_bytes(device)
+    walls, cpus = [], []
+    for _ in range(spec["repeats"]):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        step(spec["size"])
+        synchronize(device)
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu_start)
+    row = dict(spec, seconds=statistics.median(walls), cpu_seconds=statistics.median(cpus))
+    row.update(all_seconds=walls, all_cpu_seconds=cpus, peak_bytes=peak_bytes(device))
     if streaming:
         shape = (1, 3, spec["size"], spec["size"])
         plan = model.streamed.plan(shape)
@@ -113,6 +119,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-input-grad", dest="input_grad", action="store_false")
     parser.add_argument("--amp", action="store_true", help="float16 autocast (CUDA only)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last (CUDA only)")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="measured steps per configuration; median reported"
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON path")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -130,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         input_grad=args.input_grad,
         amp=args.amp,
         channels_last=args.channels_last,
+        repeats=args.repeats,
     )
     rows = []
     for size in sizes:

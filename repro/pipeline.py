@@ -1,6 +1,7 @@
 """Run the numbered notebooks of one experiment in order, with papermill.
 
-Executed copies go to ``<out>/<experiment>/<notebook>.ipynb``. A notebook whose executed copy is
+Executed copies go to ``<out>/<experiment>/<notebook>.ipynb``, with an HTML export next to each
+(``<notebook>.html``, readable without Jupyter). A notebook whose executed copy is
 complete for the same params (recorded in ``<out>/<experiment>/.done/<notebook>.json``) is
 skipped, unless ``force``; once one notebook runs, every later one runs too, since its inputs may
 have changed.
@@ -15,10 +16,12 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import nbconvert
+import nbformat
 import papermill
 from tqdm.auto import tqdm
 
-from repro.atomic import write_text_atomic
+from repro.atomic import atomic_path, write_text_atomic
 from repro.config import PROJECT_ROOT, Params, load_params
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
@@ -107,6 +110,16 @@ def _execute(notebook: Path, output: Path, parameters: dict, cwd: Path) -> None:
             f"{error.ename}: {error.evalue} (executed copy: {partial})"
         ) from None
     os.replace(partial, output)
+    export_html(output)
+
+
+def export_html(notebook: Path) -> Path:
+    """Write ``notebook`` (executed) as a self-contained HTML page next to it; returns its path."""
+    html, _ = nbconvert.HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
+    page = notebook.with_suffix(".html")
+    with atomic_path(page) as temporary:
+        temporary.write_text(html, encoding="utf-8")
+    return page
 
 
 def _fingerprint(params: Params) -> str:

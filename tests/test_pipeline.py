@@ -35,7 +35,8 @@ def notebooks(tmp_path):
     folder.mkdir()
     log = tmp_path / "log.txt"
     for name in ("01_first", "02_second"):
-        body = f"open({str(log)!r}, 'a').write('{name} ' + params.experiment + '\\n')"
+        body = f"open({str(log)!r}, 'a').write('{name} ' + params.experiment + '\\n')\n"
+        body += f"print('{name} printed ' + params.experiment)"
         make_notebook(folder / f"{name}.ipynb", body)
     return folder, log
 
@@ -48,6 +49,7 @@ def test_runs_in_order_then_skips_complete(notebooks, tmp_path):
     assert run_dir == out / "smoke"
     assert log.read_text().splitlines() == ["01_first smoke", "02_second smoke"]
     assert (run_dir / "01_first.ipynb").exists() and (run_dir / "02_second.ipynb").exists()
+    assert "02_second printed smoke" in (run_dir / "02_second.html").read_text(), "outputs in HTML"
     run_pipeline(params, out_dir=out, notebook_dir=folder)
     assert len(log.read_text().splitlines()) == 2, "complete notebooks must be skipped"
     run_pipeline(params, out_dir=out, notebook_dir=folder, only=["02"], force=True)
