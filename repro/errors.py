@@ -399,9 +399,10 @@ def write_error_figures(
     """Fig. 4 (false positives) and Fig. 5 (false negatives) of this experiment: the most
     confident errors of either method (at most ``max_rows`` each, default
     ``evaluation.heatmap_examples``) with both heatmaps; files ``fig4_false_positives_<exp>`` and
-    ``fig5_false_negatives_<exp>`` (.png, .pdf) in the figures folder."""
+    ``fig5_false_negatives_<exp>`` (.png, .pdf) in the figures folder. A kind of error that
+    neither method made gets no figure, and that figure of an earlier run is removed."""
     from repro.evaluation import figures_dir, load_patch_scores, load_run_predictions
-    from repro.figures import heatmap_figure, save_figure
+    from repro.figures import FORMATS, heatmap_figure, save_figure
     from repro.saliency import heatmap_examples
 
     max_rows = params.evaluation.heatmap_examples if max_rows is None else max_rows
@@ -410,7 +411,10 @@ def write_error_figures(
     written = {}
     for error, number in ((FALSE_POSITIVE, 4), (FALSE_NEGATIVE, 5)):
         mine = errors[errors["error"] == error]
+        stem = figures_dir(params) / f"fig{number}_{error.replace(' ', '_')}s_{params.experiment}"
         if mine.empty:
+            for suffix in FORMATS:
+                stem.with_name(f"{stem.name}.{suffix}").unlink(missing_ok=True)
             continue
         image_ids = list(dict.fromkeys(mine["image_id"]))[:max_rows]
         examples = heatmap_examples(params, image_ids, predictions, patches)
@@ -421,7 +425,6 @@ def write_error_figures(
         figure = heatmap_figure(
             examples, title=f"{params.experiment}: {error}s (cf. Fig. {number})"
         )
-        stem = figures_dir(params) / f"fig{number}_{error.replace(' ', '_')}s_{params.experiment}"
         written[error] = save_figure(figure, stem)
     return written
 

@@ -308,6 +308,9 @@ def test_error_figures_and_table_iii(evaluated_run):
     written = write_error_figures(evaluated_run, errors)
     assert sorted(written) == ["false negative", "false positive"]
     assert written["false positive"][0].name == "fig4_false_positives_fig.png"
+    only_negatives = errors[errors["error"] == "false negative"]
+    assert sorted(write_error_figures(evaluated_run, only_negatives)) == ["false negative"]
+    assert not any(p.exists() for p in written["false positive"]), "stale Fig. 4 must go"
     result = write_table_iii(evaluated_run, predictions)
     assert result["labelled"] == 0
     assert [p.name for p in result["files"]] == ["table3_fig.csv", "table3_fig.md"]

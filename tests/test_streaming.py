@@ -235,6 +235,7 @@ def test_paper_tile_size_on_16384():
         (nn.AvgPool2d(3, stride=3), 31),
     ],
 )
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
 def test_output_length_matches_pytorch(layer, n):
     geometry = StreamingModule(layer, 64).plan((n, n))
     assert geometry.output_size == tuple(layer(torch.zeros(1, 1, n, n)).shape[-2:])
