@@ -402,7 +402,7 @@ def write_error_figures(
     ``fig5_false_negatives_<exp>`` (.png, .pdf) in the figures folder. A kind of error that
     neither method made gets no figure, and that figure of an earlier run is removed."""
     from repro.evaluation import figures_dir, load_patch_scores, load_run_predictions
-    from repro.figures import FORMATS, heatmap_figure, save_figure
+    from repro.figures import figure_paths, heatmap_figure, save_figure
     from repro.saliency import heatmap_examples
 
     max_rows = params.evaluation.heatmap_examples if max_rows is None else max_rows
@@ -413,8 +413,8 @@ def write_error_figures(
         mine = errors[errors["error"] == error]
         stem = figures_dir(params) / f"fig{number}_{error.replace(' ', '_')}s_{params.experiment}"
         if mine.empty:
-            for suffix in FORMATS:
-                stem.with_name(f"{stem.name}.{suffix}").unlink(missing_ok=True)
+            for path in figure_paths(stem):
+                path.unlink(missing_ok=True)
             continue
         image_ids = list(dict.fromkeys(mine["image_id"]))[:max_rows]
         examples = heatmap_examples(params, image_ids, predictions, patches)

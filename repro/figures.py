@@ -46,16 +46,19 @@ def new_figure(nrows: int = 1, ncols: int = 1, *, size: tuple[float, float] = (5
     return figure, axes
 
 
+def figure_paths(stem: str | os.PathLike[str]) -> list[Path]:
+    """The files of one figure: ``<stem>.png`` and ``<stem>.pdf``."""
+    stem = Path(stem)
+    return [stem.with_name(f"{stem.name}.{suffix}") for suffix in FORMATS]
+
+
 def save_figure(figure: Figure, stem: str | os.PathLike[str], dpi: int = 150) -> list[Path]:
     """Write ``<stem>.png`` and ``<stem>.pdf`` (each atomically); returns the paths."""
-    stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for suffix in FORMATS:
-        path = stem.with_name(f"{stem.name}.{suffix}")
+    paths = figure_paths(stem)
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    for path in paths:
         with atomic_path(path) as temporary:
-            figure.savefig(temporary, format=suffix, dpi=dpi)
-        paths.append(path)
+            figure.savefig(temporary, format=path.suffix[1:], dpi=dpi)
     return paths
 
 
