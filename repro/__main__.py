@@ -1,7 +1,7 @@
-"""``python -m repro``: see :mod:`repro.cli`."""
+"""``python -m repro``: see :mod:`repro.pipeline.cli`."""
 
 import sys
 
-from repro.cli import main
+from repro.pipeline.cli import main
 
 sys.exit(main())

@@ -10,7 +10,7 @@ use ``${VAR}`` or ``${VAR:-default}`` to read an environment variable (e.g. the 
 Relative paths are relative to the project root, so notebooks and the command line agree.
 
 Notebooks receive the same keys from papermill (``-f params/X.yaml`` injects one variable per
-top-level key) and pass them to :func:`from_notebook`.
+top-level key) and pass them to :func:`repro.pipeline.notebook.from_notebook`.
 """
 
 from __future__ import annotations
@@ -27,15 +27,14 @@ from typing import Any, Literal
 
 import yaml
 
+from repro.exceptions import ParamsError
+from repro.layout import PreparedLayout, RunLayout
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS_FILE = PROJECT_ROOT / "params" / "demo.yaml"
 
 STREAM_STRIDE = {"layer3": 16, "layer4.0": 32}
 """Total stride of the streamed part of a ResNet, by the last streamed layer."""
-
-
-class ParamsError(ValueError):
-    """A params file (or notebook parameters) failed validation."""
 
 
 @dataclass
@@ -178,6 +177,16 @@ class Params:
         """``<out_dir>/<experiment>``: everything this experiment writes."""
         return resolve_path(self.run.out_dir) / self.experiment
 
+    @property
+    def layout(self) -> RunLayout:
+        """The files of :attr:`run_dir` (:class:`repro.layout.RunLayout`)."""
+        return RunLayout(self.run_dir)
+
+    @property
+    def prepared(self) -> PreparedLayout:
+        """The files of ``data.prepared_dir`` (:class:`repro.layout.PreparedLayout`)."""
+        return PreparedLayout(resolve_path(self.data.prepared_dir))
+
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict, suitable for ``yaml.safe_dump`` (e.g. the resolved params.yaml)."""
         return dataclasses.asdict(self)
@@ -190,6 +199,7 @@ SECTIONS: dict[str, type] = {
 }
 TOP_LEVEL_KEYS = ("experiment", *SECTIONS)
 
+_YAML11_EXPONENT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 _ENV_PATTERN = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -258,55 +268,13 @@ def build_params(values: dict[str, Any], source: str = "<params>") -> Params:
                 continue
             setattr(params, key, _build_section(SECTIONS[key], value, key, errors))
         else:
-            errors.append(_unknown_key(key, TOP_LEVEL_KEYS, ""))
+            errors.append(unknown_key(key, TOP_LEVEL_KEYS, ""))
     if not errors:
         errors.extend(_check_values(params))
     if errors:
         details = "\n  ".join(errors)
         raise ParamsError(f"{source}: invalid params:\n  {details}")
     return params
-
-
-def from_notebook(namespace: dict[str, Any]) -> tuple[Params, bool]:
-    """Params and the dry-run flag of a notebook run, from the variables papermill injected.
-
-    Call it right after the ``parameters`` cell with ``globals()``. Every public global holding a
-    plain YAML value (dict, list, str, number, bool, None) is a parameter: ``experiment``, the
-    section dicts, ``params_file`` (a YAML read first, so ``-p params_file params/5pct.yaml
-    -y '{train: {epochs: 2}}'`` overrides single keys; a ``base`` from the YAML acts the same)
-    and ``dry_run``. An unknown name (a typo in the YAML) is an error. With no params at all,
-    the demo experiment (``params/demo.yaml``) is used.
-    """
-    names = {
-        key: value
-        for key, value in namespace.items()
-        if not key.startswith("_") and key not in _IPYTHON_NAMES and isinstance(value, _YAML_TYPES)
-    }
-    base = names.pop("base", None)
-    params_file = names.pop("params_file", None) or base
-    dry_run = parse_flag(names.pop("dry_run", False), "dry_run")
-    unknown = [key for key in names if key not in TOP_LEVEL_KEYS]
-    if unknown:
-        hints = "; ".join(_unknown_key(key, TOP_LEVEL_KEYS, "") for key in unknown)
-        raise ParamsError(f"notebook parameters: {hints}")
-    injected = {key: value for key, value in names.items() if value not in (None, {})}
-    if params_file is None and not injected:
-        params_file = DEFAULT_PARAMS_FILE
-    if params_file is not None:
-        return load_params(resolve_path(params_file), overrides=injected), dry_run
-    return build_params(injected, source="notebook parameters"), dry_run
-
-
-def parse_flag(value: Any, name: str) -> bool:
-    """A boolean from YAML or the command line (papermill's ``-p x true`` passes a string)."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in {"true", "yes", "1", "on"}:
-        return True
-    if text in {"false", "no", "0", "off", "none", ""}:
-        return False
-    raise ParamsError(f"{name}: expected true or false, got {value!r}")
 
 
 def check_data_paths(params: Params) -> None:
@@ -341,10 +309,6 @@ def stream_stride(params: Params) -> int:
     return STREAM_STRIDE[params.streaming.stream_until]
 
 
-_IPYTHON_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open"}
-_YAML11_EXPONENT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
-_YAML_TYPES = (dict, list, str, int, float, bool, type(None))
-
 
 def format_params(params: Params) -> str:
     """The resolved settings as YAML text, for notebooks and ``params.yaml`` in run dirs."""
@@ -362,7 +326,8 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _unknown_key(key: str, valid: typing.Iterable[str], prefix: str) -> str:
+def unknown_key(key: str, valid: typing.Iterable[str], prefix: str) -> str:
+    """The error text for an unknown key, with the closest valid key as a hint."""
     close = difflib.get_close_matches(str(key), list(valid), n=1, cutoff=0.5)
     hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
     return f"{prefix}{key}: unknown key{hint}"
@@ -374,7 +339,7 @@ def _build_section(cls: type, values: dict[str, Any], section: str, errors: list
     accepted: dict[str, Any] = {}
     for key, value in values.items():
         if key not in fields:
-            errors.append(_unknown_key(key, fields, f"{section}."))
+            errors.append(unknown_key(key, fields, f"{section}."))
             continue
         if isinstance(value, str):
             try:

@@ -6,10 +6,10 @@
 - :mod:`repro.data.prepare`: labels from PANDA's ``train.csv`` (binary, primary Gleason pattern);
   0.96 um/px, trim, pad/crop, prepared TIFFs and ``manifest.csv``.
 - :mod:`repro.data.splits`: train/tune/test split and the nested Table I subsets.
-- :mod:`repro.data.dataset`: the whole-biopsy torch dataset, region and mask readers.
+- :mod:`repro.data.datasets`: the whole-biopsy torch dataset, region and mask readers.
 - :mod:`repro.data.sampling`: the negative-oversampling sampler (shared by streaming and MIL).
 - :mod:`repro.data.stats`: per-channel mean/std of the training images.
-- :mod:`repro.data.gallery`: thumbnails with their tissue masks (notebook 01).
+- :mod:`repro.reporting.gallery`: thumbnails with their tissue masks (notebook 01).
 
 Submodules are imported explicitly (``from repro.data.prepare import prepare_dataset``) so that
 reading slides does not pull in torch.

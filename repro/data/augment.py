@@ -24,6 +24,7 @@ output. Given the same image size and a generator in the same state, the result 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -34,6 +35,14 @@ from scipy import ndimage
 from repro.config import AugmentationSettings
 
 WHITE = [255.0, 255.0, 255.0]
+
+
+def augmentation_rng(seed: int, epoch: int, image_id: str, *position: int) -> np.random.Generator:
+    """The augmentation generator of one image (or of the patch at ``position`` = x, y) in one
+    epoch, determined by its arguments alone (the same in every process and on every restart)."""
+    digest = hashlib.sha256(str(image_id).encode()).digest()
+    key = int.from_bytes(digest[:8], "little")
+    return np.random.default_rng([int(seed), int(epoch), key, *(int(p) for p in position)])
 
 
 @dataclass(frozen=True)

@@ -48,11 +48,13 @@ import pandas as pd
 import pyvips
 from tqdm.auto import tqdm
 
-from repro.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
+from repro.io.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
 from repro.config import Params, check_data_paths, resolve_path
 from repro.data.slides import SlideError, crop_or_pad, explain_error, open_slide, save_pyramid
 from repro.data.synthetic import generate_synthetic_panda
 from repro.data.tissue import bounding_box, min_object_area, tissue_mask
+from repro.exceptions import NoTissueError
+from repro.layout import PreparedLayout
 
 logger = logging.getLogger(__name__)
 
@@ -214,10 +216,6 @@ class PrepareSettings:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-class NoTissueError(ValueError):
-    """The tissue mask of a slide is empty."""
-
-
 def prepare_image(
     source: str | os.PathLike[str],
     image_path: str | os.PathLike[str],
@@ -318,11 +316,11 @@ class _Task:
 
 def prepared_paths(prepared_dir: str | os.PathLike[str], image_id: str) -> dict[str, Path]:
     """The files of one prepared image: ``image``, ``mask`` and ``record``."""
-    root = Path(prepared_dir)
+    layout = PreparedLayout(Path(prepared_dir))
     return {
-        "image": root / "images" / f"{image_id}.tiff",
-        "mask": root / "masks" / f"{image_id}.png",
-        "record": root / "records" / f"{image_id}.json",
+        "image": layout.image(image_id),
+        "mask": layout.mask(image_id),
+        "record": layout.record(image_id),
     }
 
 
@@ -371,7 +369,7 @@ def prepare_dataset(params: Params, *, progress: bool = True) -> pd.DataFrame:
         logger.info("%d of %d images already prepared (verified), skipped", skipped, len(rows))
 
     order = list(labels["image_id"])
-    manifest_path = prepared / "manifest.csv"
+    manifest_path = PreparedLayout(prepared).manifest
     completed = 0
 
     def record(image_id: str, result: dict[str, Any]) -> None:
@@ -400,7 +398,7 @@ def prepare_dataset(params: Params, *, progress: bool = True) -> pd.DataFrame:
 
 def load_manifest(params: Params) -> pd.DataFrame:
     """``<data.prepared_dir>/manifest.csv`` (written by notebook 01 / :func:`prepare_dataset`)."""
-    path = resolve_path(params.data.prepared_dir) / "manifest.csv"
+    path = params.prepared.manifest
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; run notebook 01 (prepare_dataset) first")
     return pd.read_csv(path, dtype={"image_id": str, "gleason_score": str, "status": str})

@@ -108,7 +108,7 @@ def persistent_loader(
 ) -> torch.utils.data.DataLoader:
     """A DataLoader whose ``num_workers`` worker processes are started once and serve every pass.
 
-    Workers are spawned (pyvips and fork do not mix, see :mod:`repro.data.dataset`); ``options``
+    Workers are spawned (pyvips and fork do not mix, see :mod:`repro.data.datasets`); ``options``
     (the sampler or batch sampler, ``batch_size``, ``generator``) go to the DataLoader.
     """
     return torch.utils.data.DataLoader(

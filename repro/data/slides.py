@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pyvips
+from repro.exceptions import SlideError
 
 # pyvips forwards libvips's chatter ("threadpool completed ...") at INFO level; keep it out of
 # INFO-level application logs.
@@ -38,10 +39,6 @@ OPENSLIDE_SUFFIXES = {".mrxs", ".ndpi", ".vms", ".vmu", ".scn", ".bif", ".svslid
 
 _APERIO_MPP = re.compile(r"MPP\s*=\s*([0-9.]+)")
 _ASPECT_TOLERANCE = 0.02
-
-
-class SlideError(RuntimeError):
-    """A slide could not be opened or read; the message starts with the file's path."""
 
 
 @dataclass(frozen=True)

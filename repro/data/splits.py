@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from repro.atomic import write_text_atomic
+from repro.io.atomic import write_text_atomic
 from repro.config import Params, resolve_path
 
 SPLITS = ("train", "tune", "test")
@@ -174,8 +174,8 @@ def subset_ranks(patterns: np.ndarray, seed: int, negative_fraction: float = 0.5
 
 
 def splits_path(params: Params) -> Path:
-    """``<run_dir>/splits.csv``."""
-    return params.run_dir / "splits.csv"
+    """The experiment's ``splits.csv`` (:class:`repro.layout.RunLayout`)."""
+    return params.layout.splits
 
 
 def load_splits(params: Params) -> pd.DataFrame:

@@ -8,13 +8,13 @@ import pandas as pd
 import pyvips
 from tqdm.auto import tqdm
 
-from repro.config import Params
-from repro.data.dataset import open_prepared, prepared_path
+from repro.data.store import open_prepared
+from repro.layout import PreparedLayout
 from repro.data.slides import to_numpy
 
 
 def channel_stats(
-    rows: pd.DataFrame, params: Params, max_size: int = 2048, progress: bool = False
+    rows: pd.DataFrame, prepared: PreparedLayout, max_size: int = 2048, progress: bool = False
 ) -> tuple[list[float], list[float]]:
     """Mean and std per RGB channel, in [0, 1] units, over all pixels of the given images.
 
@@ -32,8 +32,8 @@ def channel_stats(
     total_sq = np.zeros(3)
     count = 0
     for image_id in tqdm(rows["image_id"], desc="channel stats", disable=not progress):
-        image = _level_at_most(params, str(image_id), max_size)
-        pixels = to_numpy(image, prepared_path(params, str(image_id))).reshape(-1, 3)
+        image = _level_at_most(prepared, str(image_id), max_size)
+        pixels = to_numpy(image, prepared.image(str(image_id))).reshape(-1, 3)
         pixels = pixels.astype(np.float64) / 255.0
         total += pixels.sum(axis=0)
         total_sq += np.square(pixels).sum(axis=0)
@@ -43,11 +43,11 @@ def channel_stats(
     return [float(v) for v in mean], [float(v) for v in std]
 
 
-def _level_at_most(params: Params, image_id: str, max_size: int) -> pyvips.Image:
-    image = open_prepared(params, image_id)
+def _level_at_most(prepared: PreparedLayout, image_id: str, max_size: int) -> pyvips.Image:
+    image = open_prepared(prepared, image_id)
     pages = image.get("n-pages") if image.get_typeof("n-pages") else 1
     for page in range(pages):
-        level = open_prepared(params, image_id, level=page) if page else image
+        level = open_prepared(prepared, image_id, level=page) if page else image
         if max(level.width, level.height) <= max_size:
             return level
     # No pyramid level small enough: shrink the smallest (box filter keeps the mean).

@@ -39,7 +39,7 @@ import pandas as pd
 import pyvips
 from tqdm.auto import tqdm
 
-from repro.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
+from repro.io.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
 from repro.data.slides import save_pyramid
 
 LEVEL0_MPP = 0.48

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from repro.atomic import write_text_atomic
 from repro.config import Params, resolve_path
-from repro.evaluation import METHOD_NAMES
-from repro.metrics import max_accuracy_threshold
+from repro.evaluation.metrics import max_accuracy_threshold
+from repro.evaluation.tables import METHOD_NAMES
+from repro.frames import require_columns
+from repro.io.atomic import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +62,14 @@ def find_errors(predictions: pd.DataFrame, threshold: float) -> pd.DataFrame:
 
     Args:
         predictions: columns image_id, label (0/1), score.
-        threshold: from :func:`repro.metrics.max_accuracy_threshold`.
+        threshold: from :func:`repro.evaluation.metrics.max_accuracy_threshold`.
 
     Returns:
         The erroneous rows with an ``error`` column (``"false positive"`` / ``"false negative"``),
         most confident errors first (false positives by decreasing score, then false negatives by
         increasing score).
     """
-    _require_columns(predictions, ["image_id", "label", "score"], "predictions")
+    require_columns(predictions, ["image_id", "label", "score"], "predictions")
     called = predictions["score"].to_numpy() >= threshold
     label = predictions["label"].to_numpy().astype(bool)
     errors = predictions.loc[called != label].copy()
@@ -146,14 +147,14 @@ def load_labels(path: str | os.PathLike[str]) -> pd.DataFrame:
     if not path.exists():
         return empty_labels()
     labels = pd.read_csv(path, dtype=str, keep_default_na=False)
-    _require_columns(labels, LABEL_COLUMNS, str(path))
+    require_columns(labels, LABEL_COLUMNS, str(path))
     labels = labels[LABEL_COLUMNS]
     _check_categories(labels, str(path))
     return labels.reset_index(drop=True)
 
 
 def save_labels(labels: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
-    """Write labels atomically (:func:`repro.atomic.write_text_atomic`: a temporary file in
+    """Write labels atomically (:func:`repro.io.atomic.write_text_atomic`: a temporary file in
     the same folder, fsync, rename, fsync of the folder).
 
     A crash leaves either the old file or the new one, never a truncated mix. Rows are sorted by
@@ -163,7 +164,7 @@ def save_labels(labels: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
         ValueError: missing columns or an unknown category (nothing is written).
     """
     path = Path(path)
-    _require_columns(labels, LABEL_COLUMNS, "labels")
+    require_columns(labels, LABEL_COLUMNS, "labels")
     labels = labels[LABEL_COLUMNS].fillna("").astype(str)
     _check_categories(labels, "labels")
     labels = labels.drop_duplicates(["method", "image_id"], keep="last")
@@ -215,7 +216,7 @@ def table_iii(
         error type. With no label at all, only those two rows per error type (the number of
         errors per method).
     """
-    _require_columns(errors, ["method", "image_id", "error"], "errors")
+    require_columns(errors, ["method", "image_id", "error"], "errors")
     methods = list(dict.fromkeys(errors["method"])) if methods is None else list(methods)
     merged = errors[["method", "image_id", "error"]].merge(
         labels[["method", "image_id", "error", "category"]],
@@ -269,110 +270,7 @@ def table_iii_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ----------------------------------------------------------------------------- widget
-
-
-def labeller(
-    errors: pd.DataFrame,
-    path: str | os.PathLike[str],
-    show: Callable[[pd.Series], None] | None = None,
-):
-    """An ipywidgets form to label each error; every click of *Save* calls :func:`set_label`.
-
-    Args:
-        errors: from :func:`errors_at_max_accuracy`.
-        path: the labels CSV (:func:`labels_path`); existing labels are pre-selected.
-        show: called with the current error's row inside an output area (e.g. to draw the
-            thumbnail and both heatmaps).
-
-    Returns:
-        The widget: display it in a notebook. It needs a live Jupyter front end; under papermill
-        it renders as static text and saves nothing.
-    """
-    import ipywidgets as widgets
-
-    errors = errors.reset_index(drop=True)
-    state = {"index": 0}
-    title = widgets.HTML()
-    category = widgets.Dropdown(description="category", layout=widgets.Layout(width="420px"))
-    note = widgets.Text(description="note", placeholder="free text (required for 'other')")
-    status = widgets.HTML()
-    output = widgets.Output()
-    previous = widgets.Button(description="previous", icon="arrow-left")
-    following = widgets.Button(description="next", icon="arrow-right")
-    save = widgets.Button(description="save", button_style="primary", icon="save")
-
-    def current_label(row: pd.Series) -> pd.Series | None:
-        labels = load_labels(path)
-        match = labels[
-            (labels["method"] == row["method"]) & (labels["image_id"] == row["image_id"])
-        ]
-        return None if match.empty else match.iloc[-1]
-
-    def render() -> None:
-        if errors.empty:
-            title.value = "<b>No errors to label.</b>"
-            return
-        row = errors.iloc[state["index"]]
-        title.value = (
-            f"<b>{state['index'] + 1}/{len(errors)}</b> "
-            f"{METHOD_NAMES.get(row['method'], row['method'])} {row['error']}: "
-            f"<code>{row['image_id']}</code> (label {int(row['label'])}, "
-            f"score {row['score']:.3f}, threshold {row['threshold']:.3f})"
-        )
-        category.options = CATEGORIES[row["error"]]
-        saved = current_label(row)
-        if saved is not None and saved["category"] in category.options:
-            category.value = saved["category"]
-            note.value = saved["note"]
-            status.value = "saved label loaded"
-        else:
-            category.value = category.options[0]
-            note.value = ""
-            status.value = "<i>not labelled yet</i>"
-        output.clear_output()
-        if show is not None:
-            with output:
-                show(row)
-
-    def move(step: int) -> None:
-        if not errors.empty:
-            state["index"] = (state["index"] + step) % len(errors)
-            render()
-
-    def on_save(_) -> None:
-        if errors.empty:
-            return
-        row = errors.iloc[state["index"]]
-        if category.value == OTHER and not note.value.strip():
-            status.value = "<b>write a note for 'other'</b>"
-            return
-        set_label(path, row["method"], row["image_id"], row["error"], category.value, note.value)
-        status.value = f"saved to {path}"
-
-    previous.on_click(lambda _: move(-1))
-    following.on_click(lambda _: move(1))
-    save.on_click(on_save)
-    render()
-    form = widgets.VBox(
-        [
-            title,
-            widgets.HBox([category, note]),
-            widgets.HBox([previous, save, following]),
-            status,
-            output,
-        ]
-    )
-    return form
-
-
 # ----------------------------------------------------------------------------- helpers
-
-
-def _require_columns(frame: pd.DataFrame, columns: list[str], name: str) -> None:
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{name}: missing columns {missing}, got {list(frame.columns)}")
 
 
 def _check_categories(labels: pd.DataFrame, name: str) -> None:
@@ -388,88 +286,3 @@ def _check_categories(labels: pd.DataFrame, name: str) -> None:
                 f"{list(CATEGORIES[row.error])}, got {row.category!r} "
                 f"for {row.method} {row.image_id}"
             )
-
-
-# ----------------------------------------------------------------------------- notebook 07
-
-
-def write_error_figures(
-    params: Params, errors: pd.DataFrame, max_rows: int | None = None
-) -> dict[str, list[Path]]:
-    """Fig. 4 (false positives) and Fig. 5 (false negatives) of this experiment: the most
-    confident errors of either method (at most ``max_rows`` each, default
-    ``evaluation.heatmap_examples``) with both heatmaps; files ``fig4_false_positives_<exp>`` and
-    ``fig5_false_negatives_<exp>`` (.png, .pdf) in the figures folder. A kind of error that
-    neither method made gets no figure, and that figure of an earlier run is removed."""
-    from repro.evaluation import figures_dir, load_patch_scores, load_run_predictions
-    from repro.figures import figure_paths, heatmap_figure, save_figure
-    from repro.saliency import heatmap_examples
-
-    max_rows = params.evaluation.heatmap_examples if max_rows is None else max_rows
-    predictions = load_run_predictions(params)
-    patches = load_patch_scores(params.run_dir) if "mil" in predictions else None
-    written = {}
-    for error, number in ((FALSE_POSITIVE, 4), (FALSE_NEGATIVE, 5)):
-        mine = errors[errors["error"] == error]
-        stem = figures_dir(params) / f"fig{number}_{error.replace(' ', '_')}s_{params.experiment}"
-        if mine.empty:
-            for path in figure_paths(stem):
-                path.unlink(missing_ok=True)
-            continue
-        image_ids = list(dict.fromkeys(mine["image_id"]))[:max_rows]
-        examples = heatmap_examples(params, image_ids, predictions, patches)
-        for example in examples:
-            wrong = mine.loc[mine["image_id"] == example.image_id, "method"]
-            names = " and ".join(METHOD_NAMES.get(m, m) for m in wrong)
-            example.caption += f"\n{error} of {names}"
-        figure = heatmap_figure(
-            examples, title=f"{params.experiment}: {error}s (cf. Fig. {number})"
-        )
-        written[error] = save_figure(figure, stem)
-    return written
-
-
-def write_table_iii(params: Params, predictions: Mapping[str, pd.DataFrame]) -> dict[str, object]:
-    """Table III from the test predictions and the saved labels (:func:`labels_path`), written as
-    ``table3_<experiment>.csv`` and ``.md`` to the figures folder.
-
-    Returns:
-        dict with ``table``, ``markdown``, ``labelled`` (errors with a label) and ``files``.
-    """
-    from repro.evaluation import figures_dir
-    from repro.figures import save_table
-
-    errors = errors_at_max_accuracy(predictions)
-    table = table_iii(errors, load_labels(labels_path(params)), methods=list(predictions))
-    methods = list(predictions)
-    counted = ~table["category"].isin(["total", NOT_LABELLED])
-    labelled = int(table.loc[counted, methods].to_numpy().sum())
-    points = operating_points(predictions)
-    markdown = table_iii_markdown(table)
-    markdown += "\nErrors at each model's maximum-accuracy threshold on the test set: "
-    markdown += "; ".join(
-        f"{METHOD_NAMES.get(r.method, r.method)} score >= {r.threshold:.4g} "
-        f"(accuracy {r.accuracy:.3f}, n = {r.n_test})"
-        for r in points.itertuples()
-    )
-    markdown += f". {labelled} of {len(errors)} errors labelled by hand (notebook 07).\n"
-    files = save_table(table, figures_dir(params) / f"table3_{params.experiment}", markdown)
-    return {"table": table, "markdown": markdown, "labelled": labelled, "files": files}
-
-
-def error_viewer(params: Params, predictions: Mapping[str, pd.DataFrame]) -> Callable:
-    """A ``show`` callback for :func:`labeller`: displays the thumbnail and both heatmaps of the
-    current error (SmoothGrad computed on first view, then cached)."""
-    from IPython.display import Image, display
-
-    from repro.evaluation import load_patch_scores
-    from repro.figures import heatmap_figure, png_bytes
-    from repro.saliency import heatmap_examples
-
-    patches = load_patch_scores(params.run_dir) if "mil" in predictions else None
-
-    def show(row: pd.Series) -> None:
-        examples = heatmap_examples(params, [row["image_id"]], dict(predictions), patches)
-        display(Image(data=png_bytes(heatmap_figure(examples))))
-
-    return show

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from repro.atomic import write_text_atomic
-from repro.config import Params, ParamsError, load_params, resolve_path
-from repro.metrics import auc_with_ci, delong_test, paired_bootstrap_test
+from repro.config import Params, load_params, resolve_path
+from repro.evaluation.metrics import auc_with_ci, delong_test, paired_bootstrap_test
+from repro.exceptions import ParamsError
+from repro.layout import METHODS, RunLayout
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("streaming", "mil")
 METHOD_NAMES = {"streaming": "Streaming", "mil": "MIL"}
 PREDICTION_COLUMNS = ["image_id", "label", "score"]
 PATCH_COLUMNS = ["image_id", "x", "y", "score"]
@@ -43,18 +43,13 @@ PAPER_SUBSET_NAMES = {None: "Whole set", 500: "10% set", 250: "5% set"}
 
 
 def predictions_path(run_dir: str | os.PathLike[str], method: str, split: str = "test") -> Path:
-    """``<run_dir>/<method>/predictions_<split>.csv``."""
-    return Path(run_dir) / method / f"predictions_{split}.csv"
+    """A method's predictions of a split in a run directory."""
+    return RunLayout(Path(run_dir)).method(method).predictions(split)
 
 
 def patch_scores_path(run_dir: str | os.PathLike[str], split: str = "test") -> Path:
-    """``<run_dir>/mil/patch_scores_<split>.csv``: MIL patch probabilities."""
-    return Path(run_dir) / "mil" / f"patch_scores_{split}.csv"
-
-
-def write_csv(frame: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
-    """Write a CSV atomically (:func:`repro.atomic.write_text_atomic`)."""
-    return write_text_atomic(path, frame.to_csv(index=False))
+    """MIL's patch probabilities of a split in a run directory."""
+    return RunLayout(Path(run_dir)).mil.patch_scores(split)
 
 
 def load_predictions(path: str | os.PathLike[str]) -> pd.DataFrame:
@@ -78,45 +73,6 @@ def load_predictions(path: str | os.PathLike[str]) -> pd.DataFrame:
 def load_patch_scores(run_dir: str | os.PathLike[str], split: str = "test") -> pd.DataFrame:
     """MIL patch probabilities of a run (image_id, x, y, score)."""
     return pd.read_csv(patch_scores_path(run_dir, split), dtype={"image_id": str})
-
-
-# ----------------------------------------------------------------------------- inference
-
-
-def predict_test_set(params: Params, methods=METHODS) -> dict[str, pd.DataFrame]:
-    """Run the final model(s) on the test set and save the predictions.
-
-    Streaming: :func:`repro.train.load_final_model` + :func:`repro.train.predict` (streamed
-    inference on whole images). MIL: :func:`repro.mil.predict`, which also returns its patch
-    probabilities (saved to :func:`patch_scores_path`).
-
-    Returns:
-        method -> DataFrame(image_id, label, score), as written to :func:`predictions_path`.
-    """
-    from repro.data.splits import load_split
-    from repro.runtime import set_torch_threads
-
-    set_torch_threads(params.run.torch_threads)
-    rows = load_split(params, "test")
-    results = {}
-    for method in methods:
-        if method == "streaming":
-            from repro.train import load_final_model, predict
-
-            model = load_final_model(params)
-            predictions = predict(model, rows, params)
-            del model
-        elif method == "mil":
-            from repro import mil
-
-            predictions, patches = mil.predict(params, rows)
-            write_csv(patches[PATCH_COLUMNS], patch_scores_path(params.run_dir))
-        else:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        predictions = predictions[PREDICTION_COLUMNS].sort_values("image_id", kind="stable")
-        write_csv(predictions.reset_index(drop=True), predictions_path(params.run_dir, method))
-        results[method] = load_predictions(predictions_path(params.run_dir, method))
-    return results
 
 
 # ----------------------------------------------------------------------------- runs
@@ -149,8 +105,7 @@ class RunInfo:
 def read_run_params(run_dir: str | os.PathLike[str]) -> Params | None:
     """The resolved params of a run: the first of ``streaming/params.yaml``, ``mil/params.yaml``,
     ``params.yaml`` under ``run_dir``; None when there is none (or it does not load)."""
-    for candidate in ("streaming/params.yaml", "mil/params.yaml", "params.yaml"):
-        path = Path(run_dir) / candidate
+    for path in RunLayout(Path(run_dir)).params_candidates():
         if path.exists():
             try:
                 return load_params(path)
@@ -218,7 +173,7 @@ def _test_ids(run_dir: Path) -> frozenset[str] | None:
 
 def _training_set_size(params: Params, run_dir: Path) -> int:
     """Training biopsies used by a run (its subset when it has one), from its splits.csv."""
-    splits = run_dir / "splits.csv"
+    splits = RunLayout(run_dir).splits
     if not splits.exists():
         return params.splits.subset_size or 0
     frame = pd.read_csv(splits)
@@ -333,17 +288,6 @@ def table_ii_display(table: pd.DataFrame, bulten: bool | None = None) -> pd.Data
 # ----------------------------------------------------------------------------- notebook 05
 
 
-def dataset_name(params: Params) -> str:
-    """Name of the prepared dataset (the last part of ``data.prepared_dir``), used in the file
-    names of outputs that gather several experiments (Table II, Fig. 3)."""
-    return Path(resolve_path(params.data.prepared_dir)).name
-
-
-def figures_dir(params: Params) -> Path:
-    """``evaluation.figures_dir`` (default ``figures/`` in the project root)."""
-    return resolve_path(params.evaluation.figures_dir)
-
-
 def load_run_predictions(params: Params) -> dict[str, pd.DataFrame]:
     """This experiment's saved test predictions, by method (those that exist)."""
     return {
@@ -351,66 +295,3 @@ def load_run_predictions(params: Params) -> dict[str, pd.DataFrame]:
         for method in METHODS
         if predictions_path(params.run_dir, method).exists()
     }
-
-
-def write_table_ii(params: Params, runs: list[RunInfo]) -> dict[str, object]:
-    """Table II and the streaming-vs-MIL comparisons of ``runs``, written to ``figures_dir``.
-
-    Files: ``table2_<dataset>.csv`` (numbers), ``table2_<dataset>.md`` (formatted, with the
-    paper's values on PANDA), ``streaming_vs_mil_<dataset>.csv`` / ``.md``.
-
-    Returns:
-        dict with ``table`` (numbers), ``display`` (formatted), ``paired`` and ``files``.
-    """
-    from repro.figures import markdown_table, save_table
-
-    settings = params.evaluation
-    table = table_ii(runs, settings.n_bootstrap, params.run.seed)
-    shown = table_ii_display(table)
-    paired = paired_comparisons(runs, settings.n_bootstrap, params.run.seed)
-    folder = figures_dir(params)
-    name = dataset_name(params)
-    note = (
-        f"\nTest-set ROC AUC with bootstrap 95% CI ({settings.n_bootstrap} resamples), "
-        f"dataset `{name}`; regenerated by notebook 05 from runs/.\n"
-    )
-    files = save_table(table, folder / f"table2_{name}", markdown_table(shown) + note)
-    if len(paired):
-        files += save_table(paired, folder / f"streaming_vs_mil_{name}")
-    return {"table": table, "display": shown, "paired": paired, "files": files}
-
-
-def write_figure_3(params: Params, runs: list[RunInfo], paired: pd.DataFrame) -> list[Path]:
-    """Fig. 3 as ``fig3_roc_<dataset>.png`` / ``.pdf``: (a) ROC curves of every model of
-    ``runs``, (b) streaming vs. MIL on the whole set (or the largest training set)."""
-    from repro.figures import LINESTYLES, RocCurve, figure_3, save_figure
-
-    curves, pair = [], []
-    for index, run in enumerate(runs):
-        for method in METHODS:
-            frame = run.predictions.get(method)
-            if frame is None:
-                continue
-            curve = RocCurve(
-                method=method,
-                training_set=run.training_set,
-                y_true=frame["label"].to_numpy(),
-                y_score=frame["score"].to_numpy(),
-                auc=auc_with_ci(
-                    frame["label"], frame["score"], params.evaluation.n_bootstrap, params.run.seed
-                ),
-                linestyle=LINESTYLES[index % len(LINESTYLES)],
-            )
-            curves.append(curve)
-            if index == 0:
-                pair.append(RocCurve(**{**curve.__dict__, "linestyle": "-"}))
-    note = ""
-    first = paired[paired["experiment"] == runs[0].experiment] if runs and len(paired) else paired
-    if len(pair) == 2 and len(first):
-        row = first.iloc[0]
-        note = (
-            f"ΔAUC = {row['difference']:+.3f} ({row['low']:+.3f} to {row['high']:+.3f})\n"
-            f"p = {row['p_bootstrap']:.3g} (paired bootstrap)\np = {row['p_delong']:.3g} (DeLong)"
-        )
-    figure = figure_3(curves, pair, note)
-    return save_figure(figure, figures_dir(params) / f"fig3_roc_{dataset_name(params)}")

@@ -1,8 +1,8 @@
 """ResNet with frozen batch norm, split into a streamed part and a conventionally run head.
 
 Pinckaers et al. 2021 (Sec. IV-A) train an ImageNet-initialised ResNet-34 end to end on 16384^2
-biopsies: the first layers run through :class:`repro.streaming.StreamingModule`, the reconstructed
-feature map goes through the remaining layers as usual. Batch norm is frozen (eval mode) throughout,
+biopsies: the first layers run through :class:`repro.nn.streaming.StreamingModule`, the
+reconstructed feature map goes through the remaining layers as usual. Batch norm is frozen (eval mode) throughout,
 which is what makes tiling exact.
 """
 
@@ -19,7 +19,8 @@ import torch
 import torchvision
 from torch import nn
 
-from repro.streaming import StreamingModule
+from repro.nn.pixels import unit_float
+from repro.nn.streaming import StreamingModule
 
 logger = logging.getLogger(__name__)
 
@@ -114,9 +115,7 @@ class ResNetClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (N, num_classes) for images (N, 3, H, W): uint8, or float in [0, 1]."""
-        if not x.is_floating_point():
-            x = x.to(self.normalize.mean.dtype).div_(torch.iinfo(x.dtype).max)
-        return self.head(self.features(self.normalize(x)))
+        return self.head(self.features(self.normalize(unit_float(x, self.normalize.mean.dtype))))
 
     def train(self, mode: bool = True) -> ResNetClassifier:
         """Set train/eval mode; batch norm layers stay in eval mode (frozen statistics)."""

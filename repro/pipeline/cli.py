@@ -1,4 +1,5 @@
-"""Command line: ``python -m repro run params/demo.yaml [--only 03,05] [--out runs/] [--force]``."""
+"""Command line: ``python -m repro run params/demo.yaml [--only 03,05] [--out runs/] [--force]``
+(``--verbose`` also shows papermill's log and the kernel's output on the terminal)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from repro.config import ParamsError
-from repro.pipeline import NotebookFailedError, run_pipeline
+from repro.pipeline.runner import NotebookFailedError, run_pipeline
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -20,6 +21,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--only", help="comma-separated notebook numbers, e.g. 03,05")
     run.add_argument("--out", help="output root instead of run.out_dir (default runs/)")
     run.add_argument("--force", action="store_true", help="re-run notebooks already complete")
+    run.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show papermill's log and the kernel's output (always in runs/<exp>/run.log)",
+    )
     synth = commands.add_parser("synth", help="generate a synthetic PANDA-format biopsy set")
     synth.add_argument("params", nargs="?", help="params YAML giving data.panda_dir, size, seed")
     synth.add_argument("--out", help="output folder (default: the params' data.panda_dir)")
@@ -33,8 +39,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     only = args.only.split(",") if args.only else None
     try:
         for params_path in args.params:
-            run_dir = run_pipeline(params_path, only=only, out_dir=args.out, force=args.force)
-            print(f"{params_path}: executed notebooks are in {run_dir}")
+            run_dir = run_pipeline(
+                params_path, only=only, out_dir=args.out, force=args.force, verbose=args.verbose
+            )
+            print(f"{params_path}: executed notebooks and run.log are in {run_dir}")
     except (ParamsError, NotebookFailedError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

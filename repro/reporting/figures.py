@@ -4,8 +4,8 @@ Figures are :class:`matplotlib.figure.Figure` objects made without pyplot, so th
 backend (Agg under papermill and the command line) and leave no global state; :func:`save_figure`
 writes PNG and PDF. Notebooks only call these and display the saved PNGs.
 
-``python -m repro.figures --summary figures`` prints every Table II found in the folder and lists
-the figure files (``make demo`` ends with it).
+``python -m repro.reporting.figures --summary figures`` prints every Table II found in the folder
+and lists the figure files (``make demo`` ends with it).
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
-from repro.atomic import atomic_path, write_text_atomic
-from repro.evaluation import METHOD_NAMES, format_auc
+from repro.config import resolve_path
+from repro.evaluation.tables import METHOD_NAMES, format_auc
+from repro.io.atomic import atomic_path, write_text_atomic
 
 FORMATS = ("png", "pdf")
 METHOD_COLORS = dict(zip(("streaming", "mil"), sns.color_palette("colorblind", 2), strict=True))
@@ -261,8 +262,6 @@ def heatmap_figure(examples: Sequence[HeatmapExample], title: str = "", column_w
 
 def summary(figures_dir: str | os.PathLike[str]) -> str:
     """Text listing every Table II (markdown) and the figure files in ``figures_dir``."""
-    from repro.config import resolve_path
-
     folder = resolve_path(figures_dir)
     if not folder.is_dir():
         return f"{folder}: no figures yet (run `python -m repro run params/demo.yaml`)\n"
@@ -282,7 +281,7 @@ def _size(count: int) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m repro.figures", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m repro.reporting.figures", description=__doc__)
     parser.add_argument("--summary", metavar="DIR", required=True, help="figures folder")
     args = parser.parse_args(argv)
     sys.stdout.write(summary(args.summary))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pyvips
 
 from repro.config import Params, resolve_path
+from repro.data.store import read_mask_file
 
 PATTERN_NAMES = {0: "negative", 3: "pattern 3", 4: "pattern 4", 5: "pattern 5"}
 
@@ -45,10 +47,6 @@ def plot_gallery(
 ):
     """A matplotlib figure of ``n`` prepared biopsies (status ok, classes in turn: negative,
     pattern 3, 4, 5, ...) with the tissue-mask outline in green and the tissue fraction."""
-    import matplotlib.pyplot as plt
-
-    from repro.data.dataset import read_mask_file
-
     ok = manifest.loc[manifest["status"] == "ok"]
     rng = np.random.default_rng(seed)
     groups = [

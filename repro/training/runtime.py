@@ -1,6 +1,6 @@
 """Devices, seeding, mixed precision and torch.distributed: what every trainer needs.
 
-Shared by the streaming trainer (:mod:`repro.train`) and the MIL baseline (:mod:`repro.mil`).
+Shared by both methods (:mod:`repro.methods.streaming`, :mod:`repro.methods.mil`).
 
 - :func:`select_device` turns ``run.device`` ("auto", "cpu", "cuda", "cuda:N") into a device.
 - :func:`seed_everything`, :func:`get_rng_state` / :func:`set_rng_state`: reproducible runs and
@@ -22,7 +22,7 @@ import logging
 import os
 import random
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -155,6 +155,48 @@ class DistributedContext:
     def is_main(self) -> bool:
         """Rank 0 writes files, logs and shows progress bars."""
         return self.rank == 0
+
+
+_CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a model runs: device, process group, CUDA switches, progress bars.
+
+    ``mixed_precision`` and ``channels_last`` take effect on CUDA only (``run.*``).
+    """
+
+    device: torch.device = _CPU
+    context: DistributedContext = DistributedContext()
+    mixed_precision: bool = False
+    channels_last: bool = False
+    progress: bool = True
+
+    def batch(self, images: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """Images ``(3, H, W)`` (or a stacked batch) as one batch on the device, in the memory
+        format the model runs in."""
+        batch = images if isinstance(images, torch.Tensor) else torch.stack(list(images))
+        batch = batch.to(self.device, non_blocking=True)
+        if use_channels_last(self.device, self.channels_last):
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch
+
+    def place(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` on the device, in the memory format it runs in."""
+        model = model.to(self.device)
+        if use_channels_last(self.device, self.channels_last):
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """:func:`autocast` with this runtime's device and switch."""
+        return autocast(self.device, self.mixed_precision)
+
+    @property
+    def shows_progress(self) -> bool:
+        """Progress bars are drawn by the main process only."""
+        return self.progress and self.context.is_main
 
 
 def launched_by_torchrun() -> bool:

@@ -20,7 +20,7 @@ the same weights as an uninterrupted run, provided the method is deterministic g
 checkpointed state and the epoch number (seeded sampler and augmentation, no global RNG use that
 is not restored).
 
-:func:`plot_loss_curves` draws the curves with the picked windows marked.
+:func:`repro.reporting.curves.plot_loss_curves` draws the curves with the picked windows marked.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import io
 import json
 import logging
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,18 +39,17 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from repro.atomic import remove_stale_temporaries, write_text_atomic
-from repro.checkpoints import (
+from repro.config import Params, format_params
+from repro.exceptions import NonFiniteError
+from repro.io.atomic import remove_stale_temporaries, write_text_atomic
+from repro.io.checkpoints import (
     CheckpointError,
-    average_state_dicts,
     load_checkpoint,
-    moving_average_window,
-    moving_averages,
     nonfinite_tensors,
     save_checkpoint,
 )
-from repro.config import Params, format_params
-from repro.runtime import (
+from repro.layout import MethodLayout
+from repro.training.runtime import (
     DistributedContext,
     barrier,
     get_rng_state,
@@ -60,16 +58,11 @@ from repro.runtime import (
     set_rng_state,
     set_torch_threads,
 )
+from repro.training.selection import average_state_dicts, select_window
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
-LAST_CHECKPOINT = "last.pt"
-_EPOCH_FILE = re.compile(r"stage(\d)_epoch(\d{3,})\.pt")
-
-
-class NonFiniteError(FloatingPointError):
-    """A loss, gradient or weight became NaN or inf; no checkpoint was written for it."""
 
 
 @dataclass(frozen=True)
@@ -171,11 +164,6 @@ class ScheduleResult:
     history: list[dict[str, Any]]
 
 
-def checkpoint_path(out_dir: str | os.PathLike[str], stage: int, epoch: int) -> Path:
-    """``<out_dir>/checkpoints/stage<S>_epoch<EEE>.pt``."""
-    return Path(out_dir) / "checkpoints" / f"stage{stage}_epoch{epoch:03d}.pt"
-
-
 def run_schedule(
     trainer: MethodTrainer,
     settings: ScheduleSettings,
@@ -205,15 +193,15 @@ def run_schedule(
         CheckpointError: the checkpoints in ``out_dir`` were written with other settings.
     """
     context = context or DistributedContext()
-    out = Path(out_dir)
-    checkpoints = out / "checkpoints"
+    files = MethodLayout(Path(out_dir))
+    checkpoints = files.checkpoints
     if context.is_main:
         checkpoints.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(checkpoints)
     barrier(context)
     metadata = dict(metadata or {})
 
-    resume, partial = _resume_points(checkpoints, settings)
+    resume, partial = _resume_points(files, settings)
     history: list[dict[str, Any]] = list(resume["history"]) if resume else []
     resume_stage = resume["stage"] if resume else 0
     selection: dict[str, Any] = {"window": settings.window, "stages": {}}
@@ -238,7 +226,7 @@ def run_schedule(
 
     for stage, lr, epochs in settings.stages():
         if stage == 2:
-            selection["stages"]["1"] = _start_stage_two(trainer, history, settings, out)
+            selection["stages"]["1"] = _start_stage_two(trainer, history, settings, files)
         if stage < resume_stage:
             global_epoch += epochs
             continue
@@ -262,7 +250,7 @@ def run_schedule(
             def on_step(steps: int, state: Callable[[], dict], run: EpochRun = run) -> None:
                 every = settings.checkpoint_every
                 if every > 0 and steps % every == 0:
-                    save(checkpoints / LAST_CHECKPOINT, "partial", run.stage, run.epoch,
+                    save(files.last_checkpoint, "partial", run.stage, run.epoch,
                          {"partial": {"steps": steps, **state()}})  # fmt: skip
                     barrier(context)
 
@@ -279,10 +267,10 @@ def run_schedule(
                 )
             row = {"stage": stage, "epoch": epoch, "global_epoch": global_epoch, "lr": lr}
             history.append({**row, **_plain(train_metrics), **_plain(tune_metrics)})
-            save(checkpoint_path(out, stage, epoch), "epoch", stage, epoch, {})
+            save(files.checkpoint(stage, epoch), "epoch", stage, epoch, {})
             if context.is_main:
-                write_metrics(history, out / "metrics.csv")
-                (checkpoints / LAST_CHECKPOINT).unlink(missing_ok=True)
+                write_metrics(history, files.metrics)
+                files.last_checkpoint.unlink(missing_ok=True)
             barrier(context)
             logger.info("stage %d epoch %d: %s", stage, epoch, _summary(history[-1]))
 
@@ -292,9 +280,9 @@ def run_schedule(
         final_stage, final_epochs = 1, settings.epochs
     if final_epochs == 0:
         raise ValueError("the schedule has no epochs: set epochs or stage2_epochs > 0")
-    final_selection = _select(history, final_stage, settings.window, out)
+    final_selection = select_window(history, final_stage, settings.window, files.root)
     final_selection["averaged_checkpoints"] = [
-        _relative(checkpoint_path(out, final_stage, e), out) for e in final_selection["epochs"]
+        _relative(files.checkpoint(final_stage, e), files.root) for e in final_selection["epochs"]
     ]
     final_selection["reason"] = (
         f"inference weights: mean of the weights of the {len(final_selection['epochs'])} "
@@ -304,10 +292,10 @@ def run_schedule(
     selection["stages"][str(final_stage)].update(final_selection)
     selection["final"] = {"stage": final_stage, "epochs": final_selection["epochs"]}
     averaged = average_state_dicts(
-        [checkpoint_path(out, final_stage, e) for e in final_selection["epochs"]]
+        [files.checkpoint(final_stage, e) for e in final_selection["epochs"]]
     )
     trainer.model.load_state_dict(averaged)
-    final_path = out / "final.pt"
+    final_path = files.final
     if context.is_main:
         final = {
             "format": CHECKPOINT_FORMAT,
@@ -316,8 +304,8 @@ def run_schedule(
             "selection": selection,
         }
         save_checkpoint(final, final_path)
-        write_text_atomic(out / "selection.json", json.dumps(selection, indent=2) + "\n")
-        write_metrics(history, out / "metrics.csv")
+        write_text_atomic(files.selection, json.dumps(selection, indent=2) + "\n")
+        write_metrics(history, files.metrics)
     barrier(context)
     return ScheduleResult(final_path, selection, history)
 
@@ -325,13 +313,13 @@ def run_schedule(
 def load_final_weights(
     model: torch.nn.Module, out_dir: str | os.PathLike[str], device: str | torch.device
 ) -> torch.nn.Module:
-    """A finished run's inference weights (``<out_dir>/final.pt``: the averaged window) loaded
+    """A finished run's inference weights (``final.pt``: the averaged window) loaded
     into ``model``, which is moved to ``device`` and put in eval mode.
 
     Raises:
         CheckpointError: there is no ``final.pt`` (the run has not finished).
     """
-    model.load_state_dict(load_checkpoint(Path(out_dir) / "final.pt")["model"])
+    model.load_state_dict(load_checkpoint(MethodLayout(Path(out_dir)).final)["model"])
     return model.to(device).eval()
 
 
@@ -379,140 +367,26 @@ def start_run(
     context = context or init_distributed(params.run.device)
     device = select_device(params.run.device, context.local_rank)
     if context.is_main:
-        write_text_atomic(out / "params.yaml", format_params(params))
+        write_text_atomic(MethodLayout(out).params, format_params(params))
     barrier(context)
     return context, device
-
-
-def command_line(
-    prog: str, train: Callable[..., ScheduleResult], argv: Sequence[str] | None = None
-) -> int:
-    """``python -m <prog> params/X.yaml [--out DIR] [--no-progress]``, also under ``torchrun``.
-
-    Shared by ``python -m repro.train`` and ``python -m repro.mil``: reads the params, joins the
-    process group torchrun set up (or runs alone), calls ``train(params, progress=..,
-    context=..)`` and leaves the group again. Returns the exit code.
-    """
-    import argparse
-
-    from repro.config import load_params
-    from repro.runtime import shutdown_distributed
-
-    parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=train.__doc__)
-    parser.add_argument("params", help="params YAML, e.g. params/full.yaml")
-    parser.add_argument("--out", help="output root instead of run.out_dir")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    overrides = {"run": {"out_dir": str(Path(args.out).resolve())}} if args.out else None
-    params = load_params(args.params, overrides=overrides)
-    context = init_distributed(params.run.device)
-    try:
-        result = train(params, progress=not args.no_progress, context=context)
-        if context.is_main:
-            print(f"final weights: {result.final_path}")
-    finally:
-        shutdown_distributed()
-    return 0
-
-
-def plot_loss_curves(
-    metrics: Any,
-    selection: Mapping[str, Any] | None = None,
-    ax: Any = None,
-    title: str | None = None,
-):
-    """Training and tuning loss per epoch over both stages, with the picked windows marked.
-
-    Args:
-        metrics: ``metrics.csv`` rows (a DataFrame, a list of dicts or the file's path).
-        selection: ``selection.json`` content (or its path); stage 1's window and its middle
-            checkpoint, and stage 2's averaged window, are shaded.
-        ax: a matplotlib Axes to draw on (a new figure when ``None``).
-        title: the axes' title.
-
-    Returns:
-        The matplotlib Figure.
-    """
-    import matplotlib.pyplot as plt
-    import pandas as pd
-
-    if isinstance(metrics, str | os.PathLike):
-        metrics = pd.read_csv(metrics)
-    frame = pd.DataFrame(metrics)
-    if isinstance(selection, str | os.PathLike):
-        selection = json.loads(Path(selection).read_text())
-    if ax is None:
-        _, ax = plt.subplots(figsize=(8, 4))
-    x = frame["global_epoch"]
-    if "train_loss" in frame:
-        ax.plot(x, frame["train_loss"], "o-", ms=3, label="training loss", color="tab:blue")
-    ax.plot(x, frame["tune_loss"], "o-", ms=3, label="tuning loss", color="tab:orange")
-    window = int((selection or {}).get("window", 1))
-    for stage, rows in frame.groupby("stage"):
-        if window > 1 and len(rows) >= window:
-            averages = moving_averages(rows["tune_loss"].tolist(), window)
-            ends = rows["global_epoch"].to_numpy()[window - 1 :]
-            label = f"tuning loss, {window}-epoch moving average" if stage == 1 else None
-            ax.plot(ends, averages, "--", color="tab:red", lw=1, label=label)
-    boundary = frame.loc[frame["stage"] == 2, "global_epoch"]
-    if len(boundary) and (frame["stage"] == 1).any():
-        ax.axvline(boundary.min() - 0.5, color="grey", lw=1, ls=":")
-    colours = {"1": "tab:green", "2": "tab:purple"}
-    for stage, chosen in (selection or {}).get("stages", {}).items():
-        rows = frame[frame["stage"] == int(stage)]
-        offset = rows["global_epoch"].min() - rows["epoch"].min()
-        if not chosen.get("epochs"):
-            continue
-        first, last = min(chosen["epochs"]), max(chosen["epochs"])
-        span = f"epoch {first}" if first == last else f"epochs {first}-{last}"
-        what = "averaged" if "averaged_checkpoints" in chosen else "picked window"
-        ax.axvspan(first + offset - 0.4, last + offset + 0.4, color=colours.get(stage, "grey"),
-                   alpha=0.15, label=f"stage {stage}: {what} ({span})")  # fmt: skip
-        if "middle_epoch" in chosen and stage == "1":
-            middle = chosen["middle_epoch"] + offset
-            loss = rows.loc[rows["epoch"] == chosen["middle_epoch"], "tune_loss"]
-            ax.plot([middle], loss, "*", ms=14, color=colours["1"], label="stage 2 starts here")
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch (stage 1, then stage 2)")
-    ax.set_ylabel("binary cross-entropy")
-    ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title)
-    return ax.figure
-
-
-def save_loss_curves(out_dir: str | os.PathLike[str], name: str = "loss_curves.png"):
-    """Plot ``metrics.csv`` and ``selection.json`` of a run dir into ``<out_dir>/<name>``."""
-    out = Path(out_dir)
-    title = f"{out.parent.name}: {out.name}"
-    figure = plot_loss_curves(out / "metrics.csv", out / "selection.json", title=title)
-    figure.tight_layout()
-    figure.savefig(out / name, dpi=120)
-    return figure
 
 
 # --------------------------------------------------------------------------------- helpers
 
 
 def _resume_points(
-    checkpoints: Path, settings: ScheduleSettings
+    files: MethodLayout, settings: ScheduleSettings
 ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """The newest complete epoch checkpoint and a later mid-epoch ``last.pt``, if any."""
-    found = []
-    for path in checkpoints.glob("stage*_epoch*.pt"):
-        match = _EPOCH_FILE.fullmatch(path.name)
-        if match:
-            found.append((int(match.group(1)), int(match.group(2)), path))
+    found = files.epoch_checkpoints()
     resume = None
     if found:
         *_, path = max(found)
         resume = load_checkpoint(path)
         _check_settings(resume, settings, path)
     partial = None
-    last = checkpoints / LAST_CHECKPOINT
+    last = files.last_checkpoint
     if last.exists():
         candidate = load_checkpoint(last)
         _check_settings(candidate, settings, last)
@@ -538,44 +412,24 @@ def _restore(trainer: MethodTrainer, state: Mapping[str, Any]) -> None:
 
 
 def _start_stage_two(
-    trainer: MethodTrainer, history: list[dict[str, Any]], settings: ScheduleSettings, out: Path
+    trainer: MethodTrainer,
+    history: list[dict[str, Any]],
+    settings: ScheduleSettings,
+    files: MethodLayout,
 ) -> dict[str, Any]:
     """Pick stage 1's window, load its middle checkpoint into the model; the selection record."""
     if settings.epochs == 0:
         return {"epochs": [], "reason": "stage 1 has no epochs: stage 2 starts from the start"}
-    chosen = _select(history, 1, settings.window, out)
+    chosen = select_window(history, 1, settings.window, files.root)
     middle = chosen["middle_epoch"]
-    path = checkpoint_path(out, 1, middle)
+    path = files.checkpoint(1, middle)
     trainer.model.load_state_dict(load_checkpoint(path)["model"])
-    chosen["checkpoint"] = _relative(path, out)
+    chosen["checkpoint"] = _relative(path, files.root)
     chosen["reason"] = (
         f"stage 2 starts from the middle checkpoint (epoch {middle}) of the "
         f"{len(chosen['epochs'])}-epoch window of stage 1 with the lowest mean tuning loss"
     )
     return chosen
-
-
-def _select(history: list[dict[str, Any]], stage: int, window: int, out: Path) -> dict[str, Any]:
-    rows = [row for row in history if row["stage"] == stage]
-    epochs = [int(row["epoch"]) for row in rows]
-    losses = [float(row["tune_loss"]) for row in rows]
-    if not rows:
-        raise CheckpointError(f"{out}: no stage-{stage} epochs in the history to select from")
-    used = min(window, len(losses))
-    start, end, middle = moving_average_window(losses, used)
-    averages = moving_averages(losses, used)
-    record: dict[str, Any] = {
-        "criterion": f"lowest {used}-epoch moving average of the tuning loss",
-        "window": used,
-        "epochs": epochs[start:end],
-        "middle_epoch": epochs[middle],
-        "mean_tune_loss": float(averages[start]),
-        "tune_losses": losses,
-        "moving_averages": {str(epochs[i + used - 1]): float(a) for i, a in enumerate(averages)},
-    }
-    if used < window:
-        record["note"] = f"only {len(losses)} epochs: window shortened from {window} to {used}"
-    return record
 
 
 def _plain(metrics: Mapping[str, Any]) -> dict[str, Any]:
