@@ -21,7 +21,7 @@ test: install
 
 demo: install
 	$(PY) -m repro run params/demo.yaml params/demo-half.yaml
-	$(PY) -m repro.figures --summary figures
+	$(PY) -m repro.reporting.figures --summary figures
 
 figures: install
 	$(PY) -m repro run params/demo.yaml params/demo-half.yaml --only 05,06,07 --force

@@ -15,7 +15,7 @@ import time
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from repro.metrics import auc_with_ci, bootstrap_indices, paired_bootstrap_test
+from repro.evaluation.metrics import auc_with_ci, bootstrap_indices, paired_bootstrap_test
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Throughput of the MIL baseline: patches per second in the inference and the training phase.
 
-The phases are measured as :class:`repro.mil.MILTrainer` runs them (issue 6): patches read from
+The phases are measured as :class:`repro.methods.mil.MILTrainer` runs them (issue 6): patches read from
 prepared tiled TIFFs by ``--workers`` spawned processes, augmented per patch, scored in batches
 of 64 without gradients (inference phase), then the top-1 patch of every biopsy trained in
 mini-batches of 16 (forward, backward, step; training phase, negatives oversampled). A synthetic
@@ -71,12 +71,12 @@ def _phases(params, epochs: int) -> dict:
     """Inference- and training-phase throughput of MILTrainer epochs 2 .. epochs + 1."""
     import torch
 
-    from repro import mil
+    from repro.methods import mil
     from repro.data.prepare import prepare_dataset
     from repro.data.sampling import BalancedSampler
     from repro.data.splits import load_split, make_splits
-    from repro.runtime import select_device, use_channels_last
-    from repro.schedule import EpochRun
+    from repro.training.runtime import select_device, use_channels_last
+    from repro.training.schedule import EpochRun
 
     make_splits(prepare_dataset(params, progress=False), params)
     train_rows = load_split(params, "train")
@@ -114,8 +114,8 @@ def _model_only(params, batches: int = 5) -> dict:
     """Forward (batch 64, no grad) and train step (batch 16) on random patches on the device."""
     import torch
 
-    from repro import mil
-    from repro.runtime import autocast, select_device, use_channels_last
+    from repro.methods import mil
+    from repro.training.runtime import autocast, select_device, use_channels_last
 
     device = select_device(params.run.device)
     model = mil.build_model(params).to(device)
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from repro.runtime import set_torch_threads
+    from repro.training.runtime import set_torch_threads
 
     set_torch_threads(args.torch_threads)
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])

@@ -37,8 +37,8 @@ def _worker(spec: dict) -> dict:
     """One measurement in this process; returns the result row."""
     import torch
 
-    from repro.models import build_streaming_resnet
-    from repro.streaming import estimate_peak_bytes
+    from repro.nn.resnet import build_streaming_resnet
+    from repro.nn.streaming import estimate_peak_bytes
 
     torch.manual_seed(0)
     device = torch.device(spec["device"])

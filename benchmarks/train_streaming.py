@@ -1,6 +1,6 @@
 """Streaming training throughput: images/hour of a stage-1 and a stage-2 epoch, with peak memory.
 
-Each measurement runs :class:`repro.train.StreamingTrainer` for a short epoch (``--images``
+Each measurement runs :class:`repro.methods.streaming.StreamingTrainer` for a short epoch (``--images``
 images, after one warm-up mini-batch that is not timed) in a fresh subprocess, so the peak memory
 is that configuration's own: on CUDA ``torch.cuda.max_memory_allocated`` (mixed precision and
 channels_last as in the params file), on CPU the process's peak RSS. Images are random uint8
@@ -43,9 +43,9 @@ def _worker(spec: dict) -> dict:
 
     from repro.config import load_params
     from repro.data.sampling import BalancedSampler
-    from repro.runtime import select_device
-    from repro.schedule import EpochRun
-    from repro.train import StreamingTrainer, build_model
+    from repro.training.runtime import select_device
+    from repro.training.schedule import EpochRun
+    from repro.methods.streaming import StreamingTrainer, build_model
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from repro.runtime import select_device
+    from repro.training.runtime import select_device
 
     device = select_device(args.device)
     files = [args.demo_params] + ([args.full_params] if args.include_16384 else [])
