@@ -1,12 +1,13 @@
 """Throughput of the MIL baseline: patches per second in the inference and the training phase.
 
-The phases are measured as :class:`repro.methods.mil.MILTrainer` runs them (issue 6): patches read from
-prepared tiled TIFFs by ``--workers`` spawned processes, augmented per patch, scored in batches
-of 64 without gradients (inference phase), then the top-1 patch of every biopsy trained in
-mini-batches of 16 (forward, backward, step; training phase, negatives oversampled). A synthetic
-set is generated and prepared in a temporary folder first. The first epoch (worker start-up,
-allocator warm-up) is not counted; the numbers are the mean of the next ``--epochs``. For
-comparison the model alone (random uint8 patches already on the device) is timed too.
+The phases are measured as :class:`repro.training.loop.Trainer` runs them with
+:class:`repro.methods.mil.TopOnePatches` (issue 6): patches read from prepared tiled TIFFs by
+``--workers`` spawned processes, augmented per patch, scored in batches of 64 without gradients
+(inference phase), then the top-1 patch of every biopsy trained in mini-batches of 16 (forward,
+backward, step; training phase, negatives oversampled). A synthetic set is generated and prepared in
+a temporary folder first. The first epoch (worker start-up, allocator warm-up) is not counted; the
+numbers are the mean of the next ``--epochs``. For comparison the model alone (random uint8 patches
+already on the device) is timed too.
 
 Configurations: ``demo`` (ResNet-18, 64 px patches, as ``params/demo.yaml``) and ``paper``
 (ResNet-34, 224 px patches at 0.96 um/px, our default for the paper). CUDA runs use mixed precision
@@ -68,26 +69,34 @@ def _params(root: Path, config: dict, images: int, device: str, workers: int):
 
 
 def _phases(params, epochs: int) -> dict:
-    """Inference- and training-phase throughput of MILTrainer epochs 2 .. epochs + 1."""
-    import torch
-
-    from repro.methods import mil
+    """Inference- and training-phase throughput of MIL epochs 2 .. epochs + 1."""
+    from repro.data.patches import PatchDataset, PatchLoader
     from repro.data.prepare import prepare_dataset
     from repro.data.sampling import BalancedSampler
     from repro.data.splits import load_split, make_splits
-    from repro.training.runtime import select_device, use_channels_last
+    from repro.methods import mil
+    from repro.training.loop import Trainer
+    from repro.training.runtime import Runtime, select_device
     from repro.training.schedule import EpochRun
 
     make_splits(prepare_dataset(params, progress=False), params)
     train_rows = load_split(params, "train")
-    train = mil.patch_table(params, train_rows)
-    tune = mil.patch_table(params, load_split(params, "tune"))
+    train = mil.experiment_patches(params, train_rows)
+    tune = mil.experiment_patches(params, load_split(params, "tune"))
     device = select_device(params.run.device)
-    model = mil.build_model(params).to(device)
-    if use_channels_last(device, params.run.channels_last):
-        model.to(memory_format=torch.channels_last)
+    run = params.run
+    runtime = Runtime(device, mixed_precision=run.mixed_precision,
+                      channels_last=run.channels_last, progress=False)  # fmt: skip
+    model = runtime.place(mil.build_model(params))
     sampler = BalancedSampler(train_rows["label"].tolist(), seed=0)
-    trainer = mil.MILTrainer(model, params, train, tune, sampler, device=device, progress=False)
+    dataset = PatchDataset(params.prepared, params.mil.patch_size, params.augmentation, seed=0)
+    loader = PatchLoader(dataset, num_workers=run.num_workers, pin_memory=device.type == "cuda")
+    data = mil.TopOnePatches(
+        train, tune, sampler, loader, batch_size=params.mil.batch_size,
+        inference_batch_size=params.mil.inference_batch_size, runtime=runtime,
+    )  # fmt: skip
+    trainer = Trainer(model, data, batch_size=params.mil.batch_size, optimizer=params.mil.optimizer,
+                      momentum=params.mil.momentum, runtime=runtime)  # fmt: skip
     trainer.begin_stage(1, params.mil.lr)
     rows = []
     for epoch in range(1, epochs + 2):
@@ -95,6 +104,7 @@ def _phases(params, epochs: int) -> dict:
         metrics = trainer.train_epoch(EpochRun(1, epoch, epoch, params.mil.lr))
         metrics["cpu_seconds"] = time.process_time() - cpu
         rows.append(metrics)
+    loader.close()
     measured = rows[1:]
 
     def mean(key: str) -> float:

@@ -1,10 +1,10 @@
 """Time per SmoothGrad sample through the streaming engine, at a few image sizes (issue 7).
 
-One sample is a noisy copy of the image, a streamed forward pass and a streamed backward pass to
-the input (:func:`repro.evaluation.saliency.smoothgrad`); the running mean lives on the CPU. Each size runs
-in a fresh subprocess so its peak memory is its own: on CUDA ``torch.cuda.max_memory_allocated``
-(the device budget, which must hold the float input and its gradient, 2 x 3 x H x W x 4 bytes,
-plus one tile's activations), on CPU the peak RSS.
+One sample is a noisy copy of the image, a streamed forward pass and a streamed backward pass to the
+input (:func:`repro.evaluation.saliency.smoothgrad`); the running mean lives on the CPU. Each size
+runs in a fresh subprocess so its peak memory is its own: on CUDA
+``torch.cuda.max_memory_allocated`` (the device budget, which must hold the float input and its
+gradient, 2 x 3 x H x W x 4 bytes, plus one tile's activations), on CPU the peak RSS.
 
 Examples::
 
@@ -39,8 +39,8 @@ from _common import (
 def _worker(spec: dict) -> dict:
     import torch
 
-    from repro.nn.resnet import build_streaming_resnet
     from repro.evaluation.saliency import smoothgrad
+    from repro.nn.resnet import build_streaming_resnet
 
     torch.manual_seed(0)
     device = torch.device(spec["device"])

@@ -1,10 +1,10 @@
 """Streaming training throughput: images/hour of a stage-1 and a stage-2 epoch, with peak memory.
 
-Each measurement runs :class:`repro.methods.streaming.StreamingTrainer` for a short epoch (``--images``
-images, after one warm-up mini-batch that is not timed) in a fresh subprocess, so the peak memory
-is that configuration's own: on CUDA ``torch.cuda.max_memory_allocated`` (mixed precision and
-channels_last as in the params file), on CPU the process's peak RSS. Images are random uint8
-tensors of the input size held in memory: this measures the training step (streamed forward,
+Each measurement runs :class:`repro.training.loop.Trainer` (streaming side) for a short epoch
+(``--images`` images, after one warm-up mini-batch that is not timed) in a fresh subprocess, so the
+peak memory is that configuration's own: on CUDA ``torch.cuda.max_memory_allocated`` (mixed
+precision and channels_last as in the params file), on CPU the process's peak RSS. Images are random
+uint8 tensors of the input size held in memory: this measures the training step (streamed forward,
 backward, gradient accumulation, optimiser step), not reading or augmenting slides. Weights are
 random (no download); the speed does not depend on their values.
 
@@ -43,9 +43,10 @@ def _worker(spec: dict) -> dict:
 
     from repro.config import load_params
     from repro.data.sampling import BalancedSampler
-    from repro.training.runtime import select_device
+    from repro.methods.streaming import WholeBiopsies, build_model, freeze_for_stage
+    from repro.training.loop import Trainer
+    from repro.training.runtime import Runtime, select_device
     from repro.training.schedule import EpochRun
-    from repro.methods.streaming import StreamingTrainer, build_model
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -68,18 +69,20 @@ def _worker(spec: dict) -> dict:
         {"image": images[i % 2], "label": torch.tensor(float(labels[i])), "image_id": str(i)}
         for i in range(count)
     ]
-    trainer = StreamingTrainer(
-        model,
-        data,
-        data,
-        BalancedSampler(labels, seed=0),
-        batch_size=batch,
-        momentum=params.train.momentum,
-        device=device,
+    runtime = Runtime(
+        device,
         mixed_precision=params.run.mixed_precision,
         channels_last=params.run.channels_last,
         progress=False,
+    )
+    trainer = Trainer(
+        model,
+        WholeBiopsies(data, data, BalancedSampler(labels, seed=0), runtime=runtime),
+        batch_size=batch,
+        momentum=params.train.momentum,
         optimizer=params.train.optimizer,
+        freeze=freeze_for_stage,
+        runtime=runtime,
         epoch_images=batch,
     )
     stage = spec["stage"]

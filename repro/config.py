@@ -309,7 +309,6 @@ def stream_stride(params: Params) -> int:
     return STREAM_STRIDE[params.streaming.stream_until]
 
 
-
 def format_params(params: Params) -> str:
     """The resolved settings as YAML text, for notebooks and ``params.yaml`` in run dirs."""
     header = f"# experiment {params.experiment}: settings validated by repro.config\n"

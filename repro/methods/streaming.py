@@ -149,7 +149,8 @@ class _Keyed(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Any]:
         which, index, epoch = key
         data = self.datasets[which]
-        data.set_epoch(epoch)
+        if hasattr(data, "set_epoch"):  # augmented datasets
+            data.set_epoch(epoch)
         return {**data[index], "index": index}
 
 

@@ -2,8 +2,8 @@
 
 Pinckaers et al. 2021 (Sec. IV-A) train an ImageNet-initialised ResNet-34 end to end on 16384^2
 biopsies: the first layers run through :class:`repro.nn.streaming.StreamingModule`, the
-reconstructed feature map goes through the remaining layers as usual. Batch norm is frozen (eval mode) throughout,
-which is what makes tiling exact.
+reconstructed feature map goes through the remaining layers as usual. Batch norm is frozen (eval
+mode) throughout, which is what makes tiling exact.
 """
 
 from __future__ import annotations

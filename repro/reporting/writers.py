@@ -114,6 +114,8 @@ def write_figure_3(params: Params, runs: list[RunInfo], paired: pd.DataFrame) ->
         )
     figure = figure_3(curves, pair, note)
     return save_figure(figure, figures_dir(params) / f"fig3_roc_{dataset_name(params)}")
+
+
 def write_figure_6(params: Params, count: int | None = None) -> tuple[list[Path], list[str]]:
     """Fig. 6 for this experiment (``fig6_heatmaps_<experiment>.png`` / ``.pdf``): correctly
     predicted biopsies with the SmoothGrad map of the streaming model and the MIL patch
@@ -134,6 +136,8 @@ def write_figure_6(params: Params, count: int | None = None) -> tuple[list[Path]
     )
     files = save_figure(figure, figures_dir(params) / f"fig6_heatmaps_{params.experiment}")
     return files, image_ids
+
+
 def write_error_figures(
     params: Params, errors: pd.DataFrame, max_rows: int | None = None
 ) -> dict[str, list[Path]]:
