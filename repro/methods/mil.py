@@ -162,20 +162,6 @@ def score_patches(
     return np.concatenate(all_gather_objects(np.concatenate(logits), context))
 
 
-def _biopsy_logits(patches: pd.DataFrame, logits: np.ndarray) -> pd.DataFrame:
-    """DataFrame(image_id, label, logit, score): a biopsy's logit is its highest patch logit."""
-    scored = patches[["image_id", "label"]].assign(logit=logits.astype(np.float64))
-    best = biopsy_scores(scored, score="logit").rename(columns={"score": "logit"})
-    labels = scored.drop_duplicates("image_id")[["image_id", "label"]]
-    frame = labels.merge(best, on="image_id", how="left", sort=False)
-    frame["score"] = _sigmoid(frame["logit"].to_numpy())
-    return frame.reset_index(drop=True)
-
-
-def _sigmoid(logits: np.ndarray) -> np.ndarray:
-    return expit(np.asarray(logits, dtype=np.float64))
-
-
 # ----------------------------------------------------------------------------- training
 
 
@@ -332,9 +318,7 @@ def train_mil(
     """
     files = mil_files(params)
     context, device = start_run(params, files.root, context)
-    runtime = Runtime(
-        device, context, params.run.mixed_precision, params.run.channels_last, progress
-    )
+    runtime = Runtime.of_run(params.run, device, context, progress=progress)
     train_rows = load_split(params, "train").reset_index(drop=True)
     tune_rows = load_split(params, "tune").reset_index(drop=True)
     train_patches = experiment_patches(params, train_rows, context)
@@ -455,9 +439,7 @@ def predict(
         if model is None:
             model = load_final_model(params, select_device(params.run.device, context.local_rank))
         device = next(model.parameters()).device
-        runtime = Runtime(
-            device, context, params.run.mixed_precision, params.run.channels_last, progress
-        )
+        runtime = Runtime.of_run(params.run, device, context, progress=progress)
         own = loader is None
         if own:
             dataset = PatchDataset(params.prepared, params.mil.patch_size, seed=params.run.seed)

@@ -346,9 +346,7 @@ def train_streaming(
     """
     files = streaming_files(params)
     context, device = start_run(params, files.root, context)
-    runtime = Runtime(
-        device, context, params.run.mixed_precision, params.run.channels_last, progress
-    )
+    runtime = Runtime.of_run(params.run, device, context, progress=progress)
     seed_everything(params.run.seed)
     model = build_model(params)
     initial_weights(
@@ -444,10 +442,7 @@ def predict(
     model = model if model is not None else load_final_model(params)
     dataset = biopsy_dataset(params, rows, augment=False)
     device = next(model.parameters()).device
-    runtime = Runtime(
-        device, mixed_precision=params.run.mixed_precision,
-        channels_last=params.run.channels_last, progress=progress,
-    )  # fmt: skip
+    runtime = Runtime.of_run(params.run, device, progress=progress)
     loader, sampler = make_loader({0: dataset}, params.run.num_workers, device, params.run.seed)
     sampler.keys = [(0, index, 0) for index in range(len(dataset))]
     rows_out = predict_items(model, loader, runtime, total=len(dataset), desc="predict")

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from repro.config import RunSettings
+
 logger = logging.getLogger(__name__)
 
 _DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -172,6 +174,24 @@ class Runtime:
     mixed_precision: bool = False
     channels_last: bool = False
     progress: bool = True
+
+    @classmethod
+    def of_run(
+        cls,
+        settings: RunSettings,
+        device: torch.device,
+        context: DistributedContext | None = None,
+        *,
+        progress: bool = True,
+    ) -> Runtime:
+        """The runtime of ``run.*`` settings (mixed precision, channels_last) on ``device``."""
+        return cls(
+            device,
+            context or DistributedContext(),
+            settings.mixed_precision,
+            settings.channels_last,
+            progress,
+        )
 
     def batch(self, images: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
         """Images ``(3, H, W)`` (or a stacked batch) as one batch on the device, in the memory
