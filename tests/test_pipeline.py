@@ -1,5 +1,7 @@
-"""The notebook runner: order, skipping complete notebooks, and failures that name the notebook."""
+"""The notebook runner: order, skipping complete notebooks, failures that name the notebook, and
+terminal output that is one progress bar while papermill's and the kernel's log go to run.log."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,10 +11,10 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from repro.config import PROJECT_ROOT
-from repro.pipeline import NotebookFailedError, list_notebooks, run_pipeline
+from repro.pipeline.runner import NotebookFailedError, list_notebooks, run_pipeline
 
 PARAMETERS = "experiment = None\nparams_file = None\ndry_run = False"
-SETUP = "from repro.config import from_notebook\nparams, dry_run = from_notebook(globals())"
+SETUP = "from repro.pipeline.notebook import from_notebook\nparams = from_notebook(globals())[0]"
 
 
 def make_notebook(path: Path, body: str) -> None:
@@ -93,3 +95,71 @@ def test_cli_exits_nonzero_on_bad_params(tmp_path):
     )
     assert result.returncode == 1
     assert "bad.yaml" in result.stderr and "did you mean 'train'" in result.stderr
+
+
+def run_cli(notebook_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    """``python -m repro run ...`` in a child process, on the notebooks in ``notebook_dir``."""
+    code = (
+        "import functools, pathlib, sys\n"
+        "from repro.pipeline import cli, runner\n"
+        "cli.run_pipeline = functools.partial(runner.run_pipeline, "
+        f"notebook_dir=pathlib.Path({str(notebook_dir)!r}))\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, "run", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_terminal_is_a_progress_bar_and_times_while_the_log_gets_papermill(notebooks, tmp_path):
+    folder, _ = notebooks
+    out = tmp_path / "runs"
+    params = str(PROJECT_ROOT / "params" / "smoke.yaml")
+    result = run_cli(folder, params, "--out", str(out))
+    terminal = result.stdout + result.stderr
+    assert result.returncode == 0, terminal
+    for name in ("01_first", "02_second"):
+        assert re.search(rf"^{name}: \d+\.\d s$", result.stdout, re.MULTILINE), terminal
+        assert f"smoke: {name}" in result.stderr, "the bar names the current notebook"
+    assert "INFO" not in terminal and "papermill" not in terminal
+    assert "without encryption" not in terminal
+    log = (out / "smoke" / "run.log").read_text()
+    assert re.findall(r"^===== (\S+) ", log, re.MULTILINE) == ["01_first", "02_second"]
+    assert "INFO papermill: Executing notebook with kernel" in log
+    assert "Kernel is running over TCP without encryption" in log, "the kernel's stderr"
+    assert "02_second printed smoke" in log, "the notebooks' output"
+
+    verbose = run_cli(folder, params, "--out", str(out), "--only", "02", "--force", "--verbose")
+    terminal = verbose.stdout + verbose.stderr
+    assert verbose.returncode == 0, terminal
+    assert "INFO papermill: Executing notebook with kernel" in terminal
+    assert "without encryption" in terminal
+    log = (out / "smoke" / "run.log").read_text()
+    headers = re.findall(r"^===== (\S+) ", log, re.MULTILINE)
+    assert headers == ["01_first", "02_second", "02_second"], "appended, one header per notebook"
+
+
+def test_cli_failure_names_the_notebook_cell_and_error(tmp_path):
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    make_notebook(folder / "01_broken.ipynb", "raise RuntimeError('tissue mask is empty')")
+    params = str(PROJECT_ROOT / "params" / "smoke.yaml")
+    result = run_cli(folder, params, "--out", str(tmp_path))
+    assert result.returncode == 1
+    assert re.search(
+        r"^error: notebook 01_broken failed in cell \d+: RuntimeError: tissue mask is empty",
+        result.stderr,
+        re.MULTILINE,
+    ), result.stderr
+
+
+def test_dead_kernel_is_named_with_its_log(tmp_path):
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    body = "import os\nos.write(2, b'fatal: out of shared memory\\n')\nos._exit(3)"
+    make_notebook(folder / "01_crash.ipynb", body)
+    with pytest.raises(NotebookFailedError, match="01_crash: the kernel died") as error:
+        run_pipeline(PROJECT_ROOT / "params" / "smoke.yaml", out_dir=tmp_path, notebook_dir=folder)
+    log = tmp_path / "smoke" / "run.log"
+    assert str(log) in str(error.value)
+    assert "fatal: out of shared memory" in log.read_text(), "the kernel's last words"
