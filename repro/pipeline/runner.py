@@ -42,7 +42,6 @@ from repro.io.atomic import atomic_path, write_text_atomic
 __all__ = ["NOTEBOOK_DIR", "NotebookFailedError", "export_html", "list_notebooks", "run_pipeline"]
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
-logger = logging.getLogger(__name__)
 kernel_logger = logging.getLogger(f"{__name__}.kernel")
 """The kernel process's own stdout and stderr, one record per line."""
 
