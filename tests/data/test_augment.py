@@ -1,4 +1,4 @@
-"""repro.augment: deterministic, content-preserving where it should be, lazy at 16384 px."""
+"""repro.data.augment: deterministic, content-preserving where it should be, lazy at 16384 px."""
 
 from __future__ import annotations
 
@@ -10,8 +10,14 @@ import numpy as np
 import pytest
 import pyvips
 
-from repro.augment import Augmenter, adjust_colour, elastic_field, flip_rotate
 from repro.config import AugmentationSettings
+from repro.data.augment import (
+    Augmenter,
+    adjust_colour,
+    augmentation_rng,
+    elastic_field,
+    flip_rotate,
+)
 
 
 def _image(height: int = 128, width: int = 128) -> pyvips.Image:
@@ -143,3 +149,14 @@ def test_cheap_at_paper_size():
     total = time.perf_counter() - start
     assert built < 5 and total < 10
     assert region.shape == (256, 256, 3)
+
+
+def test_augmentation_rng_is_seeded_by_seed_epoch_image_and_patch_position():
+    def draw(*key):
+        return augmentation_rng(*key).random()
+
+    assert draw(0, 1, "a", 16, 32) == draw(0, 1, "a", 16, 32)
+    others = [(0, 1, "a", 32, 16), (0, 1, "a"), (0, 2, "a", 16, 32), (1, 1, "a", 16, 32)]
+    others.append((0, 1, "b", 16, 32))
+    values = {draw(0, 1, "a", 16, 32), *(draw(*key) for key in others)}
+    assert len(values) == 1 + len(others)

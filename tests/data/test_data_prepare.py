@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 import pyvips
 
-from repro.config import build_params
 from repro.data.prepare import (
     OK,
     PrepareSettings,
@@ -25,27 +24,32 @@ from repro.data.prepare import (
     read_labels,
 )
 from repro.data.synthetic import generate_synthetic_panda, write_slide
+from repro.layout import PreparedLayout
 
 SIZE = 256
 DOWN = 8
 
 
-def _params(raw: Path, prepared: Path, workers: int = 0, input_size: int = SIZE, **data):
-    return build_params(
-        {
-            "experiment": "test",
-            "run": {"num_workers": workers, "out_dir": str(prepared.parent / "runs")},
-            "data": {
+@pytest.fixture
+def prepare_params(make_params):
+    """``prepare_params(raw, prepared, workers=0, **data)``: PANDA-format slides in ``raw``
+    prepared at 256 px into ``prepared``, masks at 1/8."""
+
+    def make(raw: Path, prepared: Path, workers: int = 0, **data):
+        return make_params(
+            prepared.parent,
+            run={"num_workers": workers},
+            data={
                 "source": "panda",
                 "panda_dir": str(raw),
                 "prepared_dir": str(prepared),
-                "input_size": input_size,
+                "input_size": SIZE,
                 "tissue_downsample": DOWN,
-                "tissue_min_object_px": 1,
                 **data,
             },
-        }
-    )
+        )
+
+    return make
 
 
 def _settings(input_size: int = SIZE) -> PrepareSettings:
@@ -157,10 +161,11 @@ def test_blank_slide_is_a_no_tissue_failure(tmp_path):
     source = tmp_path / "blank.tiff"
     write_slide(np.full((256, 512, 3), 245, np.uint8), source, 0.48)
     task = _Task("blank", str(source), str(tmp_path), _settings())
-    for folder in ("images", "masks", "records"):
-        (tmp_path / folder).mkdir()
+    prepared = PreparedLayout(tmp_path)
+    for folder in (prepared.images, prepared.masks, prepared.records):
+        folder.mkdir()
     assert "no tissue found" in _prepare_one(task)["status"]
-    assert not (tmp_path / "images" / "blank.tiff").exists()
+    assert not prepared.image("blank").exists()
 
 
 # ----------------------------------------------------------------------------- the dataset
@@ -187,9 +192,9 @@ def raw_with_problems(tmp_path):
     return raw, list(table["image_id"])
 
 
-def test_failures_are_recorded_and_the_run_goes_on(raw_with_problems, tmp_path):
+def test_failures_are_recorded_and_the_run_goes_on(raw_with_problems, tmp_path, prepare_params):
     raw, good_ids = raw_with_problems
-    params = _params(raw, tmp_path / "prepared")
+    params = prepare_params(raw, tmp_path / "prepared")
     manifest = prepare_dataset(params, progress=False)
     status = manifest.set_index("image_id")["status"]
     assert (status[good_ids] == OK).all()
@@ -197,7 +202,7 @@ def test_failures_are_recorded_and_the_run_goes_on(raw_with_problems, tmp_path):
     assert "truncated.tiff" in status["truncated"] and "truncated" in status["truncated"]
     assert "text.tiff" in status["text"] and "not an image" in status["text"]
     assert status["ungraded"] == "unknown gleason_score '6+6'"
-    written = pd.read_csv(tmp_path / "prepared" / "manifest.csv", dtype={"image_id": str})
+    written = pd.read_csv(params.prepared.manifest, dtype={"image_id": str})
     assert list(written["image_id"]) == list(manifest["image_id"])
     ok = written.loc[written["status"] == OK]
     assert (ok["width"] == SIZE).all() and (ok["height"] == SIZE).all()
@@ -210,12 +215,12 @@ def test_failures_are_recorded_and_the_run_goes_on(raw_with_problems, tmp_path):
     assert not list((tmp_path / "prepared").rglob(".*.tmp"))
 
 
-def test_rerun_skips_finished_and_redoes_partial(raw_with_problems, tmp_path):
+def test_rerun_skips_finished_and_redoes_partial(raw_with_problems, tmp_path, prepare_params):
     raw, good_ids = raw_with_problems
     prepared = tmp_path / "prepared"
-    params = _params(raw, prepared)
+    params = prepare_params(raw, prepared)
     prepare_dataset(params, progress=False)
-    images = {image_id: prepared / "images" / f"{image_id}.tiff" for image_id in good_ids}
+    images = {image_id: params.prepared.image(image_id) for image_id in good_ids}
     mtimes = {image_id: path.stat().st_mtime_ns for image_id, path in images.items()}
 
     manifest = prepare_dataset(params, progress=False)  # nothing to do
@@ -224,8 +229,8 @@ def test_rerun_skips_finished_and_redoes_partial(raw_with_problems, tmp_path):
 
     # Simulate an interrupted run: one image's record missing and a stale temporary file, one
     # image whose TIFF was truncated after the record was written.
-    (prepared / "records" / f"{good_ids[1]}.json").unlink()
-    (prepared / "images" / f".{good_ids[1]}.tiff.x1y2.tmp").write_bytes(b"half written")
+    params.prepared.record(good_ids[1]).unlink()
+    (params.prepared.images / f".{good_ids[1]}.tiff.x1y2.tmp").write_bytes(b"half written")
     damaged = images[good_ids[2]]
     damaged.write_bytes(damaged.read_bytes()[:3000])
     manifest = prepare_dataset(params, progress=False)
@@ -235,7 +240,7 @@ def test_rerun_skips_finished_and_redoes_partial(raw_with_problems, tmp_path):
     assert not list(prepared.rglob(".*.tmp"))
 
     # Changing a preparation setting redoes every image.
-    other = _params(raw, prepared, tissue_saturation=0.08)
+    other = prepare_params(raw, prepared, tissue_saturation=0.08)
     prepare_dataset(other, progress=False)
     assert all(p.stat().st_mtime_ns != mtimes[i] for i, p in images.items())
 
@@ -252,8 +257,9 @@ def _crash_once(task: _Task) -> dict:
 def test_dead_worker_is_survived_in_parallel(raw_with_problems, tmp_path, caplog):
     raw, good_ids = raw_with_problems
     prepared = tmp_path / "prepared"
-    for folder in ("images", "masks", "records"):
-        (prepared / folder).mkdir(parents=True)
+    layout = PreparedLayout(prepared)
+    for folder in (layout.images, layout.masks, layout.records):
+        folder.mkdir(parents=True)
     (prepared / f"crash-{good_ids[0]}").write_text("")
     tasks = [
         _Task(i, str(raw / "train_images" / f"{i}.tiff"), str(prepared), _settings())
@@ -265,33 +271,24 @@ def test_dead_worker_is_survived_in_parallel(raw_with_problems, tmp_path, caplog
     assert "worker died" in caplog.text
     assert set(results) == set(good_ids)
     assert all(result["status"] == OK for result in results.values())
-    record = json.loads((prepared / "records" / f"{good_ids[0]}.json").read_text())
+    record = json.loads(layout.record(good_ids[0]).read_text())
     assert record["row"]["status"] == OK
 
 
-def test_parallel_prepare_matches_serial(raw_with_problems, tmp_path):
+def test_parallel_prepare_matches_serial(raw_with_problems, tmp_path, prepare_params):
     raw, _ = raw_with_problems
-    serial = prepare_dataset(_params(raw, tmp_path / "serial"), progress=False)
-    parallel = prepare_dataset(_params(raw, tmp_path / "parallel", workers=2), progress=False)
+    serial = prepare_dataset(prepare_params(raw, tmp_path / "serial"), progress=False)
+    parallel = prepare_dataset(
+        prepare_params(raw, tmp_path / "parallel", workers=2), progress=False
+    )
     pd.testing.assert_frame_equal(serial, parallel)
 
 
-def test_synthetic_source_generates_the_raw_set(tmp_path):
-    params = build_params(
-        {
-            "experiment": "test",
-            "run": {"num_workers": 0, "seed": 1},
-            "data": {
-                "source": "synthetic",
-                "panda_dir": str(tmp_path / "raw"),
-                "prepared_dir": str(tmp_path / "prepared"),
-                "input_size": 192,
-                "synthetic_images": 10,
-                "synthetic_size": 384,
-                "tissue_downsample": 8,
-                "tissue_min_object_px": 1,
-            },
-        }
+def test_synthetic_source_generates_the_raw_set(tmp_path, make_params):
+    params = make_params(
+        tmp_path,
+        run={"seed": 1},
+        data={"input_size": 192, "synthetic_images": 10, "synthetic_size": 384},
     )
     manifest = prepare_dataset(params, progress=False)
     assert len(manifest) == 10 and (manifest["status"] == OK).all()

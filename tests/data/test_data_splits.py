@@ -40,9 +40,11 @@ def _manifest(counts: dict[int, int], failed: int = 0, seed: int = 0) -> pd.Data
     return frame
 
 
-def _params(tmp_path, **splits):
-    return build_params(
-        {"experiment": "t", "run": {"out_dir": str(tmp_path), "seed": 3}, "splits": splits}
+@pytest.fixture
+def split_params(make_params, tmp_path):
+    """``split_params(**splits)``: seed 3, runs under ``tmp_path``, these split settings."""
+    return lambda **splits: make_params(
+        experiment="t", run={"out_dir": str(tmp_path), "seed": 3}, splits=splits
     )
 
 
@@ -55,13 +57,13 @@ def test_paper_proportions_give_the_paper_counts():
     assert Counter(split) == {"train": 4712, "tune": 497, "test": 535}
 
 
-def test_split_is_stratified_disjoint_covering_and_seeded(tmp_path):
+def test_split_is_stratified_disjoint_covering_and_seeded(tmp_path, split_params):
     manifest = _manifest({0: 300, 3: 200, 4: 250, 5: 50}, failed=7)
-    params = _params(tmp_path, tune_fraction=0.1, test_fraction=0.15)
+    params = split_params(tune_fraction=0.1, test_fraction=0.15)
     splits = make_splits(manifest, params)
     ok_ids = set(manifest.loc[manifest["status"] == "ok", "image_id"])
     assert set(splits["image_id"]) == ok_ids and splits["image_id"].is_unique  # covering, disjoint
-    assert (params.run_dir / "splits.csv").exists()
+    assert params.layout.splits.exists()
     overall = splits["primary_pattern"].value_counts(normalize=True)
     for name, fraction in (("tune", 0.1), ("test", 0.15)):
         part = splits.loc[splits["split"] == name]
@@ -127,34 +129,28 @@ def test_exhausted_pattern_is_shared_by_the_others():
     assert everything == Counter(patterns)
 
 
-def test_load_split_applies_subset_size(tmp_path):
+def test_load_split_applies_subset_size(tmp_path, split_params):
     manifest = _manifest({0: 60, 3: 40, 4: 40, 5: 20})
-    params = _params(tmp_path, tune_fraction=0.1, test_fraction=0.1)
+    params = split_params(tune_fraction=0.1, test_fraction=0.1)
     splits = make_splits(manifest, params)
     train = load_split(params, "train")
     assert len(train) == (splits["split"] == "train").sum()
     assert list(train["subset_rank"]) == sorted(train["subset_rank"])
-    small = load_split(
-        _params(tmp_path, tune_fraction=0.1, test_fraction=0.1, subset_size=30), "train"
-    )
+    small = load_split(split_params(tune_fraction=0.1, test_fraction=0.1, subset_size=30), "train")
     assert len(small) == 30 and (small["label"] == 0).sum() == 15
-    tiny = load_split(
-        _params(tmp_path, tune_fraction=0.1, test_fraction=0.1, subset_size=12), "train"
-    )
+    tiny = load_split(split_params(tune_fraction=0.1, test_fraction=0.1, subset_size=12), "train")
     assert set(tiny["image_id"]) < set(small["image_id"])
     tune = load_split(params, "tune")
     assert (tune["subset_rank"] == -1).all() and len(tune) == (splits["split"] == "tune").sum()
     with pytest.raises(ValueError, match="subset_size"):
-        load_split(
-            _params(tmp_path, tune_fraction=0.1, test_fraction=0.1, subset_size=10**6), "train"
-        )
+        load_split(split_params(tune_fraction=0.1, test_fraction=0.1, subset_size=10**6), "train")
     with pytest.raises(ValueError, match="split must be"):
         load_split(params, "validation")
 
 
-def test_table1(tmp_path):
+def test_table1(tmp_path, split_params):
     manifest = _manifest({0: 60, 3: 40, 4: 40, 5: 20})
-    params = _params(tmp_path, tune_fraction=0.1, test_fraction=0.1, subset_size=20)
+    params = split_params(tune_fraction=0.1, test_fraction=0.1, subset_size=20)
     splits = make_splits(manifest, params)
     table = table1(splits, table1_subsets(params))
     assert list(table["dataset"]) == ["Training set", "Tuning set", "subset (20)", "Test set"]

@@ -1,12 +1,26 @@
-"""Unit tests of the MIL baseline's pure parts: patch grid, top-1 selection, biopsy scores."""
+"""repro.data.patches: the MIL patch grid (pure parts), the patch table and its cache, patch
+reading and augmentation, and the patch loader."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
-from repro import mil
+from repro.data import patches
+from repro.data.patches import (
+    PatchDataset,
+    PatchGrid,
+    PatchLoader,
+    augmentation_margin,
+    patch_keys,
+    patch_table,
+)
+from repro.data.splits import load_split
+from repro.data.store import read_region
 
 
 def _brute_force_fractions(mask, downsample, xs, ys, patch_size, width, height):
@@ -26,16 +40,16 @@ def _brute_force_fractions(mask, downsample, xs, ys, patch_size, width, height):
     ],
 )
 def test_grid_positions(length, patch, stride, expected):
-    positions = mil.grid_positions(length, patch, stride)
+    positions = patches.grid_positions(length, patch, stride)
     assert positions.tolist() == expected
     assert positions[-1] + patch == length  # the last patch reaches the edge
 
 
 def test_grid_positions_rejects_bad_sizes():
     with pytest.raises(ValueError, match="larger than the image"):
-        mil.grid_positions(10, 11, 5)
+        patches.grid_positions(10, 11, 5)
     with pytest.raises(ValueError, match="must be > 0"):
-        mil.grid_positions(10, 5, 0)
+        patches.grid_positions(10, 5, 0)
 
 
 @pytest.mark.parametrize("downsample", [1, 4, 8])
@@ -44,9 +58,9 @@ def test_tissue_fractions_match_brute_force(downsample, patch, stride):
     rng = np.random.default_rng(downsample * 100 + patch)
     width, height = 96, 80
     mask = rng.random((height // downsample, width // downsample)) > 0.6
-    xs = mil.grid_positions(width, patch, stride)
-    ys = mil.grid_positions(height, patch, stride)
-    fast = mil.tissue_fractions(mask, downsample, xs, ys, patch)
+    xs = patches.grid_positions(width, patch, stride)
+    ys = patches.grid_positions(height, patch, stride)
+    fast = patches.tissue_fractions(mask, downsample, xs, ys, patch)
     slow = _brute_force_fractions(mask, downsample, xs, ys, patch, width, height)
     np.testing.assert_allclose(fast, slow, atol=1e-12)
 
@@ -60,7 +74,7 @@ def test_grid_covers_all_tissue_and_no_background(stride):
         y, x = rng.integers(0, mask.shape[0]), rng.integers(0, mask.shape[1])
         mask[y : y + rng.integers(1, 6), x : x + rng.integers(1, 6)] = True
     mask[-1, -1] = True  # tissue in the bottom-right corner, only an edge-aligned patch sees it
-    grid = mil.grid_from_mask(mask, downsample, width, height, patch, stride, 0.0)
+    grid = patches.grid_from_mask(mask, downsample, width, height, patch, stride, 0.0)
     full = np.kron(mask, np.ones((downsample, downsample), dtype=bool))[:height, :width]
     covered = np.zeros_like(full)
     for x, y, fraction in grid.itertuples(index=False):
@@ -75,69 +89,94 @@ def test_grid_minimum_tissue_fraction():
     mask = np.zeros((8, 8), dtype=bool)
     mask[:2, :2] = True  # 2x2 cells of 4 px: 64 tissue px, all in the first 16 px patch
     mask[7, 7] = True  # 16 px of tissue: 1/16 of the last patch
-    grid = mil.grid_from_mask(mask, 4, 32, 32, 16, 16, 0.1)
+    grid = patches.grid_from_mask(mask, 4, 32, 32, 16, 16, 0.1)
     assert grid[["x", "y"]].values.tolist() == [[0, 0]]
     assert grid["tissue_fraction"].tolist() == [0.25]
-    everything = mil.grid_from_mask(mask, 4, 32, 32, 16, 16, 0.0)
+    everything = patches.grid_from_mask(mask, 4, 32, 32, 16, 16, 0.0)
     assert everything[["x", "y"]].values.tolist() == [[0, 0], [16, 16]]
 
 
-def _random_patches(seed: int, ties: bool = False) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    rows = []
-    for image in range(12):
-        for patch in range(rng.integers(1, 30)):
-            score = float(rng.integers(0, 4)) / 4 if ties else float(rng.random())
-            rows.append((f"img{image:02d}", patch * 8, image, score))
-    frame = pd.DataFrame(rows, columns=["image_id", "x", "y", "score"])
-    return frame.sample(frac=1.0, random_state=seed).reset_index(drop=True)  # interleave biopsies
+# ----------------------------------------------------------------------------- on files
 
 
-@pytest.mark.parametrize("seed", range(5))
-@pytest.mark.parametrize("ties", [False, True])
-def test_select_top1_matches_brute_force(seed, ties):
-    patches = _random_patches(seed, ties)
-    top = mil.select_top1(patches)
-    assert top["image_id"].is_unique
-    assert set(top["image_id"]) == set(patches["image_id"])
-    for row in top.itertuples(index=False):
-        best, best_score = None, -np.inf
-        for candidate in patches.itertuples(index=False):  # first maximum in table order
-            if candidate.image_id == row.image_id and candidate.score > best_score:
-                best, best_score = candidate, candidate.score
-        assert (row.x, row.y, row.score) == (best.x, best.y, best.score)
+def test_patch_table_matches_the_grid_and_is_cached(mil_params, monkeypatch):
+    params = mil_params()
+    rows = load_split(params, "tune")
+    grid, files = PatchGrid.from_settings(params.data, params.mil), params.layout.mil
+    table = patch_table(rows, params.prepared, grid, files)
+    expected = pd.concat(
+        [patches.patch_grid(params.prepared, i, grid).assign(image_id=i) for i in rows["image_id"]],
+        ignore_index=True,
+    )
+    pd.testing.assert_frame_equal(
+        table[["image_id", "x", "y"]], expected[["image_id", "x", "y"]], check_dtype=False
+    )
+    assert (table["tissue_fraction"] >= params.mil.min_tissue_fraction).all()
+    labels = dict(zip(rows["image_id"], rows["label"], strict=True))
+    assert (table["label"] == table["image_id"].map(labels)).all()
+    assert files.patch_grid.exists() and files.patch_grid_key.exists()
+
+    def recompute(*_):
+        raise AssertionError("the cached grid was recomputed")
+
+    monkeypatch.setattr(patches, "patch_grid", recompute)
+    pd.testing.assert_frame_equal(patch_table(rows, params.prepared, grid, files), table)
 
 
-def test_select_top1_rejects_nan_and_missing_columns():
-    patches = _random_patches(0)
-    patches.loc[3, "score"] = np.nan
-    with pytest.raises(ValueError, match="NaN"):
-        mil.select_top1(patches)
-    with pytest.raises(ValueError, match="missing columns"):
-        mil.select_top1(patches.drop(columns="score"))
+def _patch_dataset(params, augment):
+    augmentation = params.augmentation if augment else None
+    return PatchDataset(params.prepared, params.mil.patch_size, augmentation, seed=params.run.seed)
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_biopsy_score_is_max_patch_score(seed):
-    patches = _random_patches(seed)
-    scores = mil.biopsy_scores(patches).set_index("image_id")["score"]
-    for image_id, group in patches.groupby("image_id"):
-        assert scores[image_id] == max(group["score"])
-    assert len(scores) == patches["image_id"].nunique()
+def test_patch_dataset_reads_and_augments_per_patch(mil_params):
+    params = mil_params()
+    table = patch_table(
+        load_split(params, "train"),
+        params.prepared,
+        PatchGrid.from_settings(params.data, params.mil),
+        params.layout.mil,
+    ).head(6)
+    first = _patch_dataset(params, augment=True)
+    second = _patch_dataset(params, augment=True)
+    size = params.mil.patch_size
+    for image_id, x, y, _ in patch_keys(table, None):
+        item = first[(image_id, x, y, 3)]
+        assert item["image"].shape == (3, size, size) and item["image"].dtype == torch.uint8
+        assert (item["image_id"], item["x"], item["y"]) == (image_id, x, y)
+        # the same patch in the same epoch is the same augmented patch (inference = training phase)
+        assert torch.equal(item["image"], second[(image_id, x, y, 3)]["image"])
+        assert not torch.equal(item["image"], first[(image_id, x, y, 4)]["image"])
+        # epoch None, or no augmentation: the patch as stored
+        plain = read_region(params.prepared, image_id, x, y, size, size)
+        assert np.array_equal(first[(image_id, x, y, None)]["image"].permute(1, 2, 0), plain)
+        unaugmented = _patch_dataset(params, augment=False)[(image_id, x, y, 3)]["image"]
+        assert np.array_equal(unaugmented.permute(1, 2, 0), plain)
 
 
-def test_patch_score_map_is_the_max_of_the_covering_patches():
-    from repro.config import Params
+def test_patch_loader_with_spawned_workers_gives_the_same_batches(mil_params):
+    params = mil_params()
+    table = patch_table(
+        load_split(params, "train"),
+        params.prepared,
+        PatchGrid.from_settings(params.data, params.mil),
+        params.layout.mil,
+    ).head(10)
+    keys = patch_keys(table, 1) + patch_keys(table, None)
+    batches = {}
+    for workers in (0, 2):
+        with PatchLoader(_patch_dataset(params, augment=False), num_workers=workers) as loader:
+            for _ in range(2):  # a second pass reuses the workers
+                images = torch.cat([b["image"] for b in loader.batches(keys, 6)])
+        batches[workers] = images
+    assert torch.equal(batches[0], batches[2])
 
-    params = Params()
-    params.data.input_size, params.mil.patch_size = 40, 16
-    patches = pd.DataFrame({"x": [0, 8, 24], "y": [0, 8, 24], "score": [0.2, 0.7, 0.4]})
-    heat = mil.patch_score_map(patches, params)
-    expected = np.full((40, 40), np.nan)
-    for x, y, score in patches.itertuples(index=False):
-        window = expected[y : y + 16, x : x + 16]
-        window[np.isnan(window) | (window < score)] = score
-    np.testing.assert_array_equal(heat, expected)
-    coarse = mil.patch_score_map(patches, params, downsample=8)
-    assert coarse.shape == (5, 5)
-    assert coarse[1, 1] == 0.7 and coarse[0, 0] == 0.2 and np.isnan(coarse[0, 4])
+
+def test_augmentation_margin_covers_rotation_and_elastic_displacement():
+    from repro.config import AugmentationSettings
+
+    plain = AugmentationSettings(rotation_degrees=0, elastic_alpha=0, elastic_sigma=0)
+    assert augmentation_margin(plain, 48) == 0
+    rotated = AugmentationSettings(rotation_degrees=45, elastic_alpha=0, elastic_sigma=0)
+    assert augmentation_margin(rotated, 48) == math.ceil(48 * (math.sqrt(2) - 1) / 2)
+    elastic = AugmentationSettings(rotation_degrees=0, elastic_alpha=5.0, elastic_sigma=3.0)
+    assert augmentation_margin(elastic, 48) == 5

@@ -1,4 +1,4 @@
-"""repro.atomic: writes by temporary file and rename, and the cleanup of killed writers."""
+"""repro.io.atomic: writes by temporary file and rename, and the cleanup of killed writers."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from repro.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
+from repro.io.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
 
 
 def test_atomic_path_renames_on_success_with_the_usual_mode(tmp_path):

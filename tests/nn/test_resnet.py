@@ -10,7 +10,7 @@ import torchvision
 from test_streaming import randomize_batchnorm, rel_err
 from torch import nn
 
-from repro.models import (
+from repro.nn.resnet import (
     Normalize,
     StreamingResNet,
     build_streaming_resnet,

@@ -13,7 +13,7 @@ import torch
 import torchvision
 from torch import nn
 
-from repro.streaming import (
+from repro.nn.streaming import (
     AxisGeometry,
     StreamingModule,
     estimate_peak_bytes,

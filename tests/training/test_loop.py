@@ -1,26 +1,25 @@
-"""repro.train.train_minibatch: gradient accumulation equals the whole mini-batch at once."""
+"""repro.training.loop: gradient accumulation equals the whole mini-batch at once (streamed and
+stacked), non-finite losses and gradients stop the step, and the loop's pieces."""
 
 from __future__ import annotations
 
+import math
+
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 
-from repro.models import build_streaming_resnet, freeze_streamed, unfreeze_streamed
-from repro.runtime import make_grad_scaler
-from repro.schedule import NonFiniteError
-from repro.train import train_minibatch
+from repro.exceptions import NonFiniteError
+from repro.methods.streaming import freeze_for_stage
+from repro.nn.resnet import build_resnet, build_streaming_resnet, freeze_streamed, unfreeze_streamed
+from repro.training.loop import Trainer, train_all, train_minibatch, tuning_metrics
+from repro.training.runtime import DistributedContext, Runtime, make_grad_scaler
 
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: much faster than two on a CPU shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # much faster than two on a shared CPU
 
 
 class RecordingSGD(torch.optim.SGD):
@@ -148,3 +147,68 @@ def test_nonfinite_gradient_is_caught_before_the_step():
             model, items, optimizer, make_grad_scaler(CPU, False), device=CPU, images_in_step=2
         )
     assert torch.equal(model.head.fc.weight.detach(), before)
+
+
+def test_stacked_minibatch_step_equals_image_by_image():
+    torch.manual_seed(0)
+    items = [
+        {"image": torch.randint(0, 255, (3, 48, 48), dtype=torch.uint8), "label": float(i % 2),
+         "image_id": f"p{i}"}
+        for i in range(5)
+    ]  # fmt: skip
+    weights = []
+    for stack in (False, True):
+        torch.manual_seed(1)
+        model = build_resnet("resnet18").train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        results = train_minibatch(
+            model, items, optimizer, scaler, device=torch.device("cpu"), images_in_step=5,
+            stack=stack,
+        )  # fmt: skip
+        assert [r[0] for r in results] == [item["image_id"] for item in items]
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-5, atol=1e-6)
+
+
+def test_tuning_metrics_from_logits_or_probabilities():
+    frame = pd.DataFrame({"label": [0, 0, 1, 1], "logit": [-2.0, 0.5, 1.0, 3.0]})
+    metrics = tuning_metrics(frame)
+    logits, labels = torch.tensor(frame["logit"]), torch.tensor(frame["label"]).double()
+    expected = nn.functional.binary_cross_entropy_with_logits(logits, labels).item()
+    assert metrics["tune_loss"] == pytest.approx(expected, rel=1e-12)
+    assert metrics["tune_accuracy"] == 0.75  # logit 0.5 of a negative is wrong
+    assert metrics["tune_auc"] == 1.0
+    scores = frame.assign(score=torch.sigmoid(logits).numpy()).drop(columns="logit")
+    assert tuning_metrics(scores) == pytest.approx(metrics, rel=1e-9)
+    one_class = tuning_metrics(frame.assign(label=1))
+    assert math.isnan(one_class["tune_auc"])
+
+
+class _NoData:
+    stack = False
+
+
+def test_trainer_rejects_a_batch_not_shared_by_the_ranks_and_unknown_optimizers():
+    model = nn.Linear(2, 1)
+    two = Runtime(context=DistributedContext(rank=0, world_size=2))
+    with pytest.raises(ValueError, match=r"batch_size=3 must be a multiple .* \(2\)"):
+        Trainer(model, _NoData(), batch_size=3, runtime=two)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        Trainer(model, _NoData(), batch_size=2, optimizer="lbfgs")
+
+
+def test_begin_stage_applies_the_freeze_policy_and_a_fresh_optimizer():
+    model = _model(dtype=torch.float32)
+    trainer = Trainer(model, _NoData(), batch_size=2, optimizer="adam", freeze=freeze_for_stage)
+    trainer.begin_stage(1, 1e-3)
+    head = {id(p) for p in model.head.parameters()}
+    stage1 = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    assert isinstance(trainer.optimizer, torch.optim.Adam)
+    assert {id(p) for p in stage1} == head  # the streamed part frozen
+    trainer.begin_stage(2, 1e-4)
+    stage2 = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    assert len(stage2) == len(list(model.parameters()))
+    assert trainer.optimizer.param_groups[0]["lr"] == 1e-4
+    train_all(model, 1)
+    assert all(p.requires_grad for p in model.parameters())

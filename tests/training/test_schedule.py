@@ -1,4 +1,5 @@
-"""repro.schedule: the two-stage schedule with a toy method (tiny model, in-memory data)."""
+"""repro.training.schedule: the two-stage schedule with a toy method (tiny model, in-memory
+data); the loss curves of its run folder (repro.reporting.curves)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,12 @@ import matplotlib
 import pytest
 import torch
 
-from repro.checkpoints import CheckpointError, average_state_dicts, load_checkpoint
-from repro.schedule import (
-    EpochRun,
-    NonFiniteError,
-    ScheduleSettings,
-    checkpoint_path,
-    plot_loss_curves,
-    run_schedule,
-    save_loss_curves,
-)
+from repro.exceptions import CheckpointError, NonFiniteError
+from repro.io.checkpoints import load_checkpoint
+from repro.layout import MethodLayout
+from repro.reporting.curves import plot_loss_curves, save_loss_curves
+from repro.training.schedule import EpochRun, ScheduleSettings, run_schedule
+from repro.training.selection import average_state_dicts
 
 matplotlib.use("Agg")
 
@@ -92,18 +89,22 @@ SETTINGS = ScheduleSettings(lr=0.05, epochs=4, stage2_lr=0.02, stage2_epochs=5, 
 
 
 def _final_weights(out):
-    return load_checkpoint(out / "final.pt")["model"]
+    return load_checkpoint(MethodLayout(out).final)["model"]
 
 
 def test_schedule_writes_the_run_dir_and_averages_the_best_window(tmp_path):
     trainer = ToyTrainer()
     result = run_schedule(trainer, SETTINGS, tmp_path, metadata={"arch": "toy"})
+    files = MethodLayout(tmp_path)
     assert trainer.stages == [1, 2]
-    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert names == [f"stage1_epoch00{e}.pt" for e in range(1, 5)] + [
-        f"stage2_epoch00{e}.pt" for e in range(1, 6)
+    names = sorted(p.name for p in files.checkpoints.iterdir())
+    assert names == [files.checkpoint(1, e).name for e in range(1, 5)] + [
+        files.checkpoint(2, e).name for e in range(1, 6)
     ]
-    with open(tmp_path / "metrics.csv") as stream:
+    assert sorted(files.epoch_checkpoints()) == [
+        (1, e, files.checkpoint(1, e)) for e in range(1, 5)
+    ] + [(2, e, files.checkpoint(2, e)) for e in range(1, 6)]
+    with open(files.metrics) as stream:
         rows = list(csv.DictReader(stream))
     assert [(int(r["stage"]), int(r["epoch"]), int(r["global_epoch"])) for r in rows] == [
         (1, 1, 1), (1, 2, 2), (1, 3, 3), (1, 4, 4),
@@ -111,7 +112,7 @@ def test_schedule_writes_the_run_dir_and_averages_the_best_window(tmp_path):
     ]  # fmt: skip
     assert {"train_loss", "tune_loss", "tune_accuracy", "lr"} <= set(rows[0])
 
-    selection = json.loads((tmp_path / "selection.json").read_text())
+    selection = json.loads(files.selection.read_text())
     assert selection == result.selection
     stage1, stage2 = selection["stages"]["1"], selection["stages"]["2"]
     losses1 = [float(r["tune_loss"]) for r in rows[:4]]
@@ -119,13 +120,13 @@ def test_schedule_writes_the_run_dir_and_averages_the_best_window(tmp_path):
     best = means.index(min(means))
     assert stage1["epochs"] == [best + 1, best + 2, best + 3]
     assert stage1["middle_epoch"] == best + 2
-    assert stage1["checkpoint"] == f"checkpoints/stage1_epoch00{best + 2}.pt"
+    assert stage1["checkpoint"] == files.checkpoint(1, best + 2).relative_to(tmp_path).as_posix()
     assert "middle checkpoint" in stage1["reason"]
     assert len(stage2["epochs"]) == 3 and stage2["averaged_checkpoints"]
     assert selection["final"] == {"stage": 2, "epochs": stage2["epochs"]}
 
-    expected = average_state_dicts([checkpoint_path(tmp_path, 2, e) for e in stage2["epochs"]])
-    final = load_checkpoint(tmp_path / "final.pt")
+    expected = average_state_dicts([files.checkpoint(2, e) for e in stage2["epochs"]])
+    final = load_checkpoint(files.final)
     assert final["metadata"] == {"arch": "toy"}
     for name, value in expected.items():
         assert torch.equal(final["model"][name], value)
@@ -135,8 +136,9 @@ def test_schedule_writes_the_run_dir_and_averages_the_best_window(tmp_path):
 def test_stage_two_starts_from_the_middle_checkpoint(tmp_path):
     settings = ScheduleSettings(lr=0.05, epochs=4, stage2_lr=1e-12, stage2_epochs=1, window=3)
     run_schedule(ToyTrainer(), settings, tmp_path)
-    middle = json.loads((tmp_path / "selection.json").read_text())["stages"]["1"]["middle_epoch"]
-    start = load_checkpoint(checkpoint_path(tmp_path, 1, middle))["model"]
+    files = MethodLayout(tmp_path)
+    middle = json.loads(files.selection.read_text())["stages"]["1"]["middle_epoch"]
+    start = load_checkpoint(files.checkpoint(1, middle))["model"]
     torch.testing.assert_close(_final_weights(tmp_path), start, rtol=0, atol=1e-9)
 
 
@@ -152,19 +154,18 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, interrupt_at, ch
     run_schedule(ToyTrainer(), settings, reference)
 
     resumed = tmp_path / "resumed"
+    files = MethodLayout(resumed)
     with pytest.raises(KilledError):
         run_schedule(ToyTrainer(interrupt_at=interrupt_at), settings, resumed)
-    assert not (resumed / "final.pt").exists()
-    assert (resumed / "checkpoints" / "last.pt").exists() == (
-        checkpoint_every > 0 and interrupt_at[2] >= 2
-    )
+    assert not files.final.exists()
+    assert files.last_checkpoint.exists() == (checkpoint_every > 0 and interrupt_at[2] >= 2)
     torch.manual_seed(999)  # a restarted process has other global RNG states
     run_schedule(ToyTrainer(), settings, resumed)
 
     for name, value in _final_weights(reference).items():
         assert torch.equal(_final_weights(resumed)[name], value), name
-    assert (reference / "metrics.csv").read_text() == (resumed / "metrics.csv").read_text()
-    assert not (resumed / "checkpoints" / "last.pt").exists()
+    assert MethodLayout(reference).metrics.read_text() == files.metrics.read_text()
+    assert not files.last_checkpoint.exists()
 
 
 def test_rerunning_a_finished_run_changes_nothing(tmp_path):
@@ -187,7 +188,8 @@ def test_resume_with_other_settings_is_refused(tmp_path):
 def test_nonfinite_weights_stop_before_a_checkpoint_is_written(tmp_path):
     with pytest.raises(NonFiniteError, match="stage 1 epoch 2"):
         run_schedule(ToyTrainer(poison_at=(1, 2)), SETTINGS, tmp_path)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["stage1_epoch001.pt"]
+    files = MethodLayout(tmp_path)
+    assert sorted(files.checkpoints.iterdir()) == [files.checkpoint(1, 1)]
 
 
 def test_short_runs_shorten_the_window_and_stage_one_only_runs_average_stage_one(tmp_path):
@@ -199,17 +201,18 @@ def test_short_runs_shorten_the_window_and_stage_one_only_runs_average_stage_one
 
 def test_loss_curve_plot_marks_the_windows(tmp_path):
     run_schedule(ToyTrainer(), SETTINGS, tmp_path)
-    figure = save_loss_curves(tmp_path)
-    assert (tmp_path / "loss_curves.png").stat().st_size > 1000
+    files = MethodLayout(tmp_path)
+    figure = save_loss_curves(files)
+    assert files.loss_curves.stat().st_size > 1000
     labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
     assert any("stage 1: picked window" in label for label in labels)
     assert any("stage 2: averaged" in label for label in labels)
     assert "stage 2 starts here" in labels
-    plot_loss_curves(tmp_path / "metrics.csv")  # without a selection
+    plot_loss_curves(files.metrics)  # without a selection
 
 
 def test_describe_selection_mentions_both_stages(tmp_path):
-    from repro.schedule import describe_selection
+    from repro.training.schedule import describe_selection
 
     result = run_schedule(ToyTrainer(), SETTINGS, tmp_path)
     text = describe_selection(result.selection)
