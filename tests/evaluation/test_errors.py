@@ -1,4 +1,5 @@
-"""repro.errors: errors at the max-accuracy threshold, atomic label storage, Table III."""
+"""repro.evaluation.errors: errors at the max-accuracy threshold, atomic label storage, Table
+III."""
 
 import os
 
@@ -6,7 +7,7 @@ import pandas as pd
 import pytest
 
 from repro.config import Params
-from repro.errors import (
+from repro.evaluation.errors import (
     CATEGORIES,
     FALSE_NEGATIVE,
     FALSE_POSITIVE,
@@ -15,7 +16,6 @@ from repro.errors import (
     OTHER,
     errors_at_max_accuracy,
     find_errors,
-    labeller,
     labels_path,
     load_labels,
     save_labels,
@@ -178,32 +178,3 @@ def test_table_iii_with_labels(predictions, tmp_path):
     assert "| False positives | Streaming (0) | MIL (2) |" in markdown
     assert "| Inflammation | 0 | 1 |" in markdown
     assert "| False negatives | Streaming (1) | MIL (0) |" in markdown
-
-
-def test_labeller_builds_and_saves(predictions, tmp_path):
-    errors = errors_at_max_accuracy(predictions)
-    path = tmp_path / "labels.csv"
-    shown = []
-    form = labeller(errors, path, show=lambda row: shown.append(row["image_id"]))
-    title, (category, note), (previous, save, following), status, _ = (
-        form.children[0],
-        form.children[1].children,
-        form.children[2].children,
-        form.children[3],
-        form.children[4],
-    )
-    assert shown == [errors["image_id"].iloc[0]]
-    category.value = category.options[1]
-    save.click()
-    labels = load_labels(path)
-    assert labels["image_id"].tolist() == [errors["image_id"].iloc[0]]
-    assert labels["category"].tolist() == [category.options[1]]
-    following.click()
-    assert shown[-1] == errors["image_id"].iloc[1]
-    category.value = OTHER
-    save.click()  # 'other' without a note is refused
-    assert len(load_labels(path)) == 1 and "note" in status.value
-    previous.click()
-    assert category.value == load_labels(path)["category"].iloc[0]  # saved label pre-selected
-    assert title.value.startswith("<b>1/")
-    assert note.value == ""

@@ -1,4 +1,5 @@
-"""repro.metrics against slow reference implementations (in the style of sklearn's test_ranking)."""
+"""repro.evaluation.metrics against slow reference implementations (in the style of sklearn's
+test_ranking)."""
 
 import re
 import warnings
@@ -9,7 +10,7 @@ from scipy.stats import norm
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import roc_auc_score
 
-from repro.metrics import (
+from repro.evaluation.metrics import (
     auc_with_ci,
     bootstrap_aucs,
     bootstrap_indices,

@@ -1,26 +1,23 @@
-"""repro.saliency: input gradients through the streaming engine equal plain autograd; SmoothGrad,
-heatmap reduction and the MIL patch map."""
+"""repro.evaluation.saliency: input gradients through the streaming engine equal plain autograd;
+SmoothGrad, the gradient's reduction to a map, and the map cache."""
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from torch import nn
 
-import repro.saliency as saliency
+import repro.evaluation.saliency as saliency
 from repro.config import Params
-from repro.models import build_streaming_resnet
-from repro.saliency import (
+from repro.evaluation.saliency import (
     frozen,
     image_std,
     input_gradient,
-    patch_probability_map,
     reduce_gradient,
-    sensitivity_heatmap,
     smoothgrad,
     smoothgrad_map,
 )
-from repro.streaming import StreamingModule
+from repro.nn.resnet import build_streaming_resnet
+from repro.nn.streaming import StreamingModule
 
 
 def randomise_batchnorm(model: nn.Module, seed: int = 0) -> None:
@@ -178,23 +175,6 @@ def test_reduce_gradient_abs_max_and_area_average():
     assert reduce_gradient(gradient, size=100).shape == (4, 8)  # never upsampled
 
 
-def test_sensitivity_heatmap_range():
-    rng = np.random.default_rng(0)
-    heat = sensitivity_heatmap(rng.exponential(size=(64, 48)).astype(np.float32))
-    assert heat.shape == (64, 48) and heat.min() >= 0 and heat.max() == 1
-    assert (sensitivity_heatmap(np.zeros((8, 8))) == 0).all()
-
-
-def test_patch_probability_map_hand_checked():
-    patches = pd.DataFrame({"x": [0, 50, 50], "y": [0, 0, 25], "score": [0.2, 0.9, 0.4]})
-    heat = patch_probability_map(patches, image_size=(100, 200), patch_size=50, size=20)
-    assert heat.shape == (10, 20)
-    assert np.allclose(heat[0:5, 0:5], 0.2)
-    assert np.allclose(heat[0:5, 5:10], 0.9)  # overlap: the highest probability
-    assert np.allclose(heat[5:8, 5:10], 0.4)
-    assert np.isnan(heat[:, 10:]).all() and np.isnan(heat[8:, :]).all()
-
-
 def test_smoothgrad_map_is_cached(tmp_path, tiny, monkeypatch):
     params = Params(experiment="cache")
     params.run.out_dir = str(tmp_path)
@@ -204,7 +184,8 @@ def test_smoothgrad_map_is_cached(tmp_path, tiny, monkeypatch):
     model = TinyStreamingNet(tile_size=24)
     first = smoothgrad_map(params, model, "img1", image)
     assert first.shape == (20, 18)
-    assert (tmp_path / "cache" / "streaming" / "saliency" / "img1.npz").exists()
+    assert (params.layout.streaming.saliency / "img1.npz").exists()
+    assert saliency.saliency_dir(params) == params.layout.streaming.saliency
 
     def fail(*args, **kwargs):
         raise AssertionError("recomputed although cached")
@@ -214,103 +195,3 @@ def test_smoothgrad_map_is_cached(tmp_path, tiny, monkeypatch):
     params.evaluation.smoothgrad_samples = 3  # other settings: recomputed
     with pytest.raises(AssertionError, match="recomputed"):
         smoothgrad_map(params, model, "img1", image)
-
-
-# ----------------------------------------------------------------------------- figures from runs
-
-
-@pytest.fixture
-def evaluated_run(tmp_path):
-    """A run with saved predictions, MIL patch scores, cached SmoothGrad maps and prepared
-    images, as notebooks 01-05 leave it (no model needed: every map is cached)."""
-    import pyvips
-
-    from repro.evaluation import patch_scores_path, predictions_path, write_csv
-
-    params = Params(experiment="fig")
-    params.run.out_dir = str(tmp_path / "runs")
-    params.data.prepared_dir = str(tmp_path / "prepared")
-    params.data.input_size = 64
-    params.mil.patch_size = 16
-    params.evaluation.heatmap_size = 32
-    params.evaluation.heatmap_examples = 2
-    params.evaluation.figures_dir = str(tmp_path / "figures")
-    params.evaluation.labels_dir = str(tmp_path / "labels")
-    ids = ["a", "b", "c", "d"]
-    streaming = pd.DataFrame(
-        {"image_id": ids, "label": [1, 1, 0, 0], "score": [0.9, 0.3, 0.2, 0.6]}
-    )
-    mil = streaming.assign(score=[0.8, 0.7, 0.1, 0.85])  # b FN of streaming, d FP of MIL
-    write_csv(streaming, predictions_path(params.run_dir, "streaming"))
-    write_csv(mil, predictions_path(params.run_dir, "mil"))
-    patches = pd.DataFrame(
-        [(i, x, y, 0.1 + 0.05 * x / 16) for i in ids for x in (0, 16, 32) for y in (16, 32)],
-        columns=["image_id", "x", "y", "score"],
-    )
-    write_csv(patches, patch_scores_path(params.run_dir))
-    (tmp_path / "prepared" / "images").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for image_id in ids:
-        pixels = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
-        pyvips.Image.new_from_array(pixels, interpretation="srgb").tiffsave(
-            str(tmp_path / "prepared" / "images" / f"{image_id}.tiff"), tile=True, pyramid=True
-        )
-        reduced = rng.random((32, 32)).astype(np.float32)
-        path = saliency.saliency_dir(params) / f"{image_id}.npz"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, heatmap=reduced, **saliency._cache_key(params))
-    return params
-
-
-def test_choose_examples_prefers_correct_cancers():
-    streaming = pd.DataFrame(
-        {"image_id": list("abcde"), "label": [1, 1, 0, 0, 1], "score": [0.9, 0.3, 0.2, 0.6, 0.8]}
-    )
-    mil = streaming.assign(score=[0.8, 0.7, 0.1, 0.75, 0.95])
-    # streaming: threshold 0.8 (a, e right; b FN; d right); MIL: threshold 0.7 (d FP)
-    chosen = saliency.choose_examples({"streaming": streaming, "mil": mil}, 3)
-    assert chosen == ["e", "a", "c"]
-
-
-def test_write_figure_6_from_cached_maps(evaluated_run, monkeypatch):
-    def no_model(*args, **kwargs):
-        raise AssertionError("the model was needed although every map is cached")
-
-    monkeypatch.setattr(saliency, "smoothgrad", no_model)
-    files, shown = saliency.write_figure_6(evaluated_run)
-    assert shown == ["a", "c"]
-    assert [p.name for p in files] == ["fig6_heatmaps_fig.png", "fig6_heatmaps_fig.pdf"]
-    assert files[0].read_bytes().startswith(b"\x89PNG")
-
-
-def test_heatmap_examples_maps_align_with_thumbnail(evaluated_run):
-    from repro.evaluation import load_patch_scores, load_run_predictions
-
-    (example,) = saliency.heatmap_examples(
-        evaluated_run,
-        ["b"],
-        load_run_predictions(evaluated_run),
-        load_patch_scores(evaluated_run.run_dir),
-    )
-    assert example.thumbnail.shape == (32, 32, 3) and example.thumbnail.dtype == np.uint8
-    assert example.saliency.shape == example.patches.shape == (32, 32)
-    assert np.isnan(example.patches[:8]).all()  # no patch in the top 16 image px
-    assert example.patches[8:24, 0:8] == pytest.approx(0.1)
-    assert example.caption == "label 1, streaming 0.30, MIL 0.70"
-
-
-def test_error_figures_and_table_iii(evaluated_run):
-    from repro.errors import errors_at_max_accuracy, write_error_figures, write_table_iii
-    from repro.evaluation import load_run_predictions
-
-    predictions = load_run_predictions(evaluated_run)
-    errors = errors_at_max_accuracy(predictions)
-    written = write_error_figures(evaluated_run, errors)
-    assert sorted(written) == ["false negative", "false positive"]
-    assert written["false positive"][0].name == "fig4_false_positives_fig.png"
-    only_negatives = errors[errors["error"] == "false negative"]
-    assert sorted(write_error_figures(evaluated_run, only_negatives)) == ["false negative"]
-    assert not any(p.exists() for p in written["false positive"]), "stale Fig. 4 must go"
-    result = write_table_iii(evaluated_run, predictions)
-    assert result["labelled"] == 0
-    assert [p.name for p in result["files"]] == ["table3_fig.csv", "table3_fig.md"]
