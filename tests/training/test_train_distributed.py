@@ -12,7 +12,7 @@ import torch
 from train_child import tiny_model
 
 CHILD = Path(__file__).with_name("train_child.py")
-ROOT = CHILD.parent.parent
+ROOT = CHILD.parents[2]  # the repository
 
 
 def _free_port():

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from repro.checkpoints import load_checkpoint
+from repro.io.checkpoints import load_checkpoint
+from repro.layout import MethodLayout
 
 CHILD = Path(__file__).with_name("train_child.py")
-ROOT = CHILD.parent.parent
+ROOT = CHILD.parents[2]  # the repository
 
 
 def _run(out, *extra):
@@ -31,7 +32,7 @@ def _assert_killed(result):
 
 
 def _final(out):
-    return load_checkpoint(Path(out) / "final.pt")["model"]
+    return load_checkpoint(MethodLayout(Path(out)).final)["model"]
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +57,13 @@ def test_killed_and_restarted_run_equals_the_uninterrupted_one(
     reference, tmp_path, checkpoint_every, kills
 ):
     out = tmp_path / "killed"
+    files, expected_files = MethodLayout(out), MethodLayout(reference)
     every = ["--checkpoint-every", str(checkpoint_every)]
     for kill in kills:
         _assert_killed(_run(out, *every, *kill))
-        assert not (out / "final.pt").exists()
+        assert not files.final.exists()
     if checkpoint_every:
-        assert (out / "checkpoints" / "last.pt").exists()  # it did resume mid-epoch
+        assert files.last_checkpoint.exists()  # it did resume mid-epoch
     result = _run(out, *every)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -70,9 +72,8 @@ def test_killed_and_restarted_run_equals_the_uninterrupted_one(
     for name, value in expected.items():
         assert torch.equal(got[name], value), f"{name} differs after resume"
     for stage, epoch in [(1, 2), (2, 1), (2, 2)]:
-        name = f"checkpoints/stage{stage}_epoch{epoch:03d}.pt"
-        a, b = load_checkpoint(reference / name), load_checkpoint(out / name)
-        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), name
-    selection = (out / "selection.json").read_text()
-    assert selection == (reference / "selection.json").read_text()
-    assert not list((out / "checkpoints").glob(".*.tmp"))  # killed writes cleaned up
+        a = load_checkpoint(expected_files.checkpoint(stage, epoch))
+        b = load_checkpoint(files.checkpoint(stage, epoch))
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), (stage, epoch)
+    assert files.selection.read_text() == expected_files.selection.read_text()
+    assert not list(files.checkpoints.glob(".*.tmp"))  # killed writes cleaned up

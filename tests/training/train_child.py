@@ -1,17 +1,19 @@
 """Tiny streaming-training jobs for the trainer tests, run in child processes.
 
-Not a test module: ``tests/test_train_resume.py`` runs it under SIGKILL and restarts it,
-``tests/test_train_distributed.py`` runs it under ``torch.distributed.run``. The data are small
-in-memory images (positives carry a dark blob) and the network is a ResNet-18 streamed up to
+Not a test module: ``tests/training/test_train_resume.py`` runs it under SIGKILL and restarts it,
+``tests/training/test_train_distributed.py`` runs it under ``torch.distributed.run``. The data are
+small in-memory images (positives carry a dark blob) and the network is a ResNet-18 streamed up to
 layer1 (64 px images take 2 x 2 tiles), so a whole two-stage run takes seconds on a CPU, through
-the real :class:`repro.train.StreamingTrainer`, :func:`repro.schedule.run_schedule`, checkpoints
-and :class:`repro.data.sampling.BalancedSampler`.
+the real :class:`repro.training.loop.Trainer` with the streaming method's data side
+(:class:`repro.methods.streaming.WholeBiopsies`, :func:`repro.methods.streaming.freeze_for_stage`),
+:func:`repro.training.schedule.run_schedule`, checkpoints and
+:class:`repro.data.sampling.BalancedSampler`.
 
 Usage::
 
-    python tests/train_child.py schedule OUT_DIR [--kill-at-step N] [--kill-in-save N]
+    python tests/training/train_child.py schedule OUT_DIR [--kill-at-step N] [--kill-in-save N]
         [--checkpoint-every N]
-    python tests/train_child.py one-step OUT_FILE   (under torch.distributed.run or alone)
+    python tests/training/train_child.py one-step OUT_FILE   (under torch.distributed.run or alone)
 """
 
 from __future__ import annotations
@@ -23,13 +25,19 @@ import signal
 import numpy as np
 import torch
 
-from repro import atomic
-from repro import train as train_module
 from repro.data.sampling import BalancedSampler
-from repro.models import build_streaming_resnet
-from repro.runtime import init_distributed, seed_everything, shutdown_distributed
-from repro.schedule import EpochRun, ScheduleSettings, run_schedule
-from repro.train import StreamingTrainer
+from repro.io import atomic
+from repro.methods.streaming import WholeBiopsies, freeze_for_stage
+from repro.nn.resnet import build_streaming_resnet
+from repro.training import loop
+from repro.training.loop import Trainer
+from repro.training.runtime import (
+    Runtime,
+    init_distributed,
+    seed_everything,
+    shutdown_distributed,
+)
+from repro.training.schedule import EpochRun, ScheduleSettings, run_schedule
 
 SIZE = 64
 LABELS = [1, 0, 1, 1, 0, 1, 0, 1, 1, 0]  # 6 positives, 4 negatives: negatives oversampled
@@ -78,16 +86,21 @@ def make_trainer(context=None, batch_size=4, dtype=torch.float32, seed=0):
     model = tiny_model(seed, dtype)
     rank, world = (context.rank, context.world_size) if context else (0, 1)
     sampler = BalancedSampler(LABELS, seed=seed, num_replicas=world, rank=rank)
-    return StreamingTrainer(
-        model,
+    runtime = Runtime(context=context, progress=False) if context else Runtime(progress=False)
+    data = WholeBiopsies(
         TinyBiopsies(LABELS, seed),
         TinyBiopsies(TUNE_LABELS, seed + 1, augment=False),
         sampler,
+        runtime=runtime,
+        seed=seed,
+    )
+    return Trainer(
+        model,
+        data,
         batch_size=batch_size,
         momentum=0.9,
-        context=context,
-        seed=seed,
-        progress=False,
+        freeze=freeze_for_stage,
+        runtime=runtime,
     )
 
 
@@ -100,7 +113,7 @@ def run_schedule_job(out_dir, kill_at_step=None, kill_in_save=None, checkpoint_e
     (before it is taken) or inside the N-th checkpoint write (temporary file written, not yet
     renamed)."""
     if kill_at_step is not None:
-        original_step = train_module.train_minibatch
+        original_step = loop.train_minibatch
         calls = {"n": 0}
 
         def counting_step(*args, **kwargs):
@@ -109,7 +122,7 @@ def run_schedule_job(out_dir, kill_at_step=None, kill_in_save=None, checkpoint_e
                 _kill_self()
             return original_step(*args, **kwargs)
 
-        train_module.train_minibatch = counting_step
+        loop.train_minibatch = counting_step
     if kill_in_save is not None:
         original_replace = os.replace
         saves = {"n": 0}
