@@ -247,7 +247,7 @@ def write_slide(
     if isinstance(pixels, np.ndarray):
         image = pyvips.Image.new_from_array(np.ascontiguousarray(pixels), interpretation="srgb")
     with atomic_path(path) as temporary:
-        save_pyramid(image, temporary, mpp)
+        save_pyramid(image, temporary, mpp, layout="panda")
 
 
 @functools.lru_cache(maxsize=4)
