@@ -77,7 +77,8 @@ class OpenSlideSlide(Slide):
             ) from None
         except (openslide.OpenSlideError, OSError) as error:
             raise SlideError(f"{self.path}: OpenSlide cannot open it: {error}") from None
-        weakref.finalize(self, self._osr.close)
+        self._folders: list[Path] = []
+        self._closer = weakref.finalize(self, _release, self._osr, self._folders)
         self.format = self._osr.properties.get("openslide.vendor", "")
         mpp_x = _float(self._osr.properties.get("openslide.mpp-x"))
         mpp_y = _float(self._osr.properties.get("openslide.mpp-y"))
@@ -86,16 +87,12 @@ class OpenSlideSlide(Slide):
         dims = self._osr.level_dimensions
         self._set_levels([(index, w, h, False) for index, (w, h) in enumerate(dims)])
         self._levels: dict[int, pyvips.Image] = {}
-        self._folder: Path | None = None
         self._probe()
 
     def close(self) -> None:
         """Close the OpenSlide handle and remove the temporary level files."""
         self._levels.clear()
-        self._osr.close()
-        if self._folder is not None:
-            shutil.rmtree(self._folder, ignore_errors=True)
-            self._folder = None
+        self._closer()
 
     def read_level(self, level: int | Level = 0, access: str = "random") -> pyvips.Image:
         """One level as a pyvips image, decoded once per slide (see the module docstring)."""
@@ -109,10 +106,9 @@ class OpenSlideSlide(Slide):
         if width * height <= IN_MEMORY_PIXELS:
             pixels = self._read_pixels(0, 0, width, height, level)
             return pyvips.Image.new_from_array(pixels, interpretation="srgb")
-        if self._folder is None:
-            self._folder = Path(tempfile.mkdtemp(prefix="repro-openslide-"))
-            weakref.finalize(self, shutil.rmtree, self._folder, True)
-        raw = self._folder / f"level{level.index}.raw"
+        if not self._folders:
+            self._folders.append(Path(tempfile.mkdtemp(prefix="repro-openslide-")))
+        raw = self._folders[0] / f"level{level.index}.raw"
         target = np.lib.format.open_memmap(raw, mode="w+", dtype=np.uint8, shape=(height, width, 3))
         offset = target.offset
         rows = max(1, STRIP_BYTES // (4 * width))
@@ -135,6 +131,14 @@ class OpenSlideSlide(Slide):
             where = f"x={x}, y={y}, {width}x{height}"
             raise self.region_error(level, where, str(error) or type(error).__name__) from None
         return flatten_on_white(np.asarray(region))
+
+
+def _release(osr: object, folders: list[Path]) -> None:
+    """Close the OpenSlide handle and remove the temporary folders (runs once)."""
+    osr.close()
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+    folders.clear()
 
 
 def flatten_on_white(rgba: np.ndarray) -> np.ndarray:

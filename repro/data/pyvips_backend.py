@@ -61,11 +61,15 @@ class PyvipsSlide(Slide):
     def _read_pixels(self, x: int, y: int, width: int, height: int, level: Level) -> np.ndarray:
         left = round(x / level.downsample)
         top = round(y / level.downsample)
-        region = crop_or_pad(self.read_level(level), left, top, width, height)
+        where = f"x={x}, y={y}, {width}x{height}"
         try:
-            return region.numpy()
+            image = self.read_level(level)
+        except SlideError as error:
+            reason = str(error).removeprefix(f"{self.path}: ")
+            raise self.region_error(level, where, reason) from None
+        try:
+            return crop_or_pad(image, left, top, width, height).numpy()
         except pyvips.Error as error:
-            where = f"x={x}, y={y}, {width}x{height}"
             raise self.region_error(level, where, explain_error(error, "cannot decode")) from None
 
 

@@ -275,9 +275,7 @@ def _directory_block(
     directory: Directory, base: int, subfile_type: int, order: str, big: bool
 ) -> _Block:
     """The entries of ``directory`` with pixel offsets moved by ``base`` and NewSubfileType set."""
-    entries = {
-        tag: entry for tag, entry in directory.entries.items() if tag not in _DROPPED_TAGS
-    }
+    entries = {tag: entry for tag, entry in directory.entries.items() if tag not in _DROPPED_TAGS}
     for tag in _OFFSET_TAGS:
         if tag in entries:
             moved = [value + base for value in entries[tag].values(order)]
