@@ -38,11 +38,24 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import GIB, peak_rss_bytes, run_worker, serve_worker, write_results
+from _common import GIB, run_worker, serve_worker, write_results
 
 RESULTS = Path(__file__).with_name("results")
 MPP = 0.48
 AIMS = {"prepare": (30.0, 4.0), "augment": (20.0, 4.0)}
+PHASES = ("prepare", "augment", "load", "augment-parts", "decode-pyvips", "decode-openslide")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: ``VmHWM`` of ``/proc/self/status``.
+
+    Not ``ru_maxrss``: Linux carries the parent's peak into a child across fork and exec, so
+    every child would report at least the parent's peak.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _cpu_seconds() -> float:
@@ -99,7 +112,9 @@ def worker(spec: dict) -> dict:
     phase = spec["phase"]
     start_cpu, start = _cpu_seconds(), time.perf_counter()
     row: dict = {"phase": phase}
-    if phase == "prepare":
+    if phase == "raw":
+        row |= write_raw_slide(raw, spec["length"])
+    elif phase == "prepare":
         from repro.data.prepare import PrepareSettings, prepare_image, prepared_paths
 
         params = _params(root)
@@ -131,6 +146,8 @@ def worker(spec: dict) -> dict:
         item = BiopsyDataset(rows, params, augment=phase == "augment")[0]
         tensor = item["image"]
         row |= {"shape": list(tensor.shape), "dtype": str(tensor.dtype)}
+    elif phase == "augment-parts":
+        row |= augmentation_parts(_params(root))
     elif phase.startswith("decode-"):
         from repro.data.slides import open_slide
 
@@ -149,6 +166,44 @@ def worker(spec: dict) -> dict:
     return row
 
 
+def augmentation_parts(params) -> dict:
+    """CPU and wall seconds of the default augmentation, built up step by step, each decoded
+    into a uint8 array: decode only, + flips/quarter turns, + rotation and elastic field
+    (``mapim``, bilinear), + colour in LCh (the whole pipeline)."""
+    import pyvips
+
+    from repro.augment import WHITE, Augmenter, adjust_colour, flip_rotate
+    from repro.data.dataset import augmentation_rng, open_prepared
+
+    augmenter = Augmenter(params.augmentation)
+    parts = {}
+    for stop in ("decode", "flip_rotate", "mapim", "colour"):
+        start_cpu, start = _cpu_seconds(), time.perf_counter()
+        rng = augmentation_rng(params.run.seed, 0, "biopsy")
+        image = open_prepared(params, "biopsy")
+        choice = augmenter.draw(rng)
+        if stop != "decode":
+            image = flip_rotate(
+                image, choice.flip_horizontal, choice.flip_vertical, choice.quarter_turns
+            )
+        if stop in ("mapim", "colour"):
+            index = augmenter.displacement_map(image.width, image.height, choice.angle, rng)
+            image = image.mapim(
+                index,
+                interpolate=pyvips.Interpolate.new("bilinear"),
+                extend="background",
+                background=WHITE[: image.bands],
+            ).cast("uchar")
+        if stop == "colour":
+            image = adjust_colour(image, choice.lightness, choice.chroma, choice.hue)
+        image.numpy()
+        parts[stop] = {
+            "seconds": time.perf_counter() - start,
+            "cpu_seconds": _cpu_seconds() - start_cpu,
+        }
+    return {"parts": parts}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -163,16 +218,18 @@ def main() -> None:
     os.environ["VIPS_CONCURRENCY"] = str(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench-data-", dir=args.root) as folder:
         root = Path(folder)
-        started = time.perf_counter()
-        raw = write_raw_slide(root / "raw.tiff", args.length)
+        common = {"root": str(root), "threads": args.threads, "length": args.length}
+        raw = run_worker(__file__, {"phase": "raw", **common}, cwd=Path(__file__).parent)
+        if "error" in raw:
+            raise SystemExit(f"writing the raw slide failed: {raw['error']}")
         print(
             f"raw slide {raw['width']} x {raw['height']} at {MPP} um/px, "
-            f"{raw['bytes'] / 2**20:.0f} MiB, written in {time.perf_counter() - started:.0f} s"
+            f"{raw['bytes'] / 2**20:.0f} MiB, written in {raw['seconds']:.0f} s"
         )
         rows = []
-        for phase in ("prepare", "augment", "load", "decode-pyvips", "decode-openslide"):
+        for phase in PHASES:
             load_before = os.getloadavg()
-            spec = {"phase": phase, "root": str(root), "threads": args.threads}
+            spec = {"phase": phase, **common}
             row = run_worker(__file__, spec, cwd=Path(__file__).parent)
             row["loadavg_before"] = [round(v, 2) for v in load_before]
             row["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
@@ -198,7 +255,8 @@ def main() -> None:
         args.out,
         {
             "benchmark": "data",
-            "raw_slide": raw | {"mpp": MPP, "layout": "panda (1, 1/4, 1/16)"},
+            "raw_slide": {k: raw[k] for k in ("width", "height", "bytes", "seconds")}
+            | {"mpp": MPP, "layout": "panda (1, 1/4, 1/16)"},
             "threads": args.threads,
             "cpu": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),

@@ -73,6 +73,10 @@ def read_csv_dataset(csv_path: str | os.PathLike[str]) -> pd.DataFrame:
         row = int(np.flatnonzero(table["slide"].isna())[0]) + 2
         raise ValueError(f"{path}: line {row}: empty slide")
     slides = [_absolute(path.parent, slide) for slide in table["slide"]]
+    twice = pd.Series([str(slide) for slide in slides]).duplicated()
+    if twice.any():
+        line = int(np.flatnonzero(twice)[0]) + 2
+        raise ValueError(f"{path}: line {line}: slide {slides[line - 2]} is listed twice")
     rows = pd.DataFrame(
         {
             "image_id": image_ids(slides, path.parent),
@@ -100,12 +104,7 @@ def read_csv_dataset(csv_path: str | os.PathLike[str]) -> pd.DataFrame:
 
 def image_ids(slides: list[Path], root: Path) -> list[str]:
     """File names without suffix; paths relative to ``root`` (``/`` -> ``__``) where two share
-    a name. Two rows with the same file are an error."""
-    duplicates = pd.Series([str(s) for s in slides]).duplicated()
-    if duplicates.any():
-        raise ValueError(
-            f"{root}: slide {slides[int(np.flatnonzero(duplicates)[0])]} is listed twice"
-        )
+    a name."""
     stems = [Path(slide).stem for slide in slides]
     counts = pd.Series(stems).value_counts()
     ids = []
