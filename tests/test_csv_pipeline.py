@@ -66,7 +66,8 @@ def csv_dataset(tmp_path):
     patients += [f"Q{i}" for i in range(2) for _ in range(3)]  # two patients, three slides
     patients += [""] * 6  # six slides without a patient id (one patient each)
     labels = [int(i % 2 == 1) for i in range(6) for _ in range(2)]
-    labels += [0, 0, 0, 1, 1, 1] + [0, 1, 0, 1, 0, 1]
+    labels += [0, 0, 0, 1, 1, 1]  # the three-slide patients
+    labels += [0, 1, 0, 1, 0, 1]  # the single slides
     rows = []
     for index, (patient, label) in enumerate(zip(patients, labels, strict=True)):
         pattern = (3, 4, 5)[index % 3] if label else 0
