@@ -146,3 +146,44 @@ def test_preparing_a_folder_of_mixed_files(copies):
     assert "missing image" in manifest.loc["absent", "status"]
     on_disk = pd.read_csv(copies / "prepared" / "manifest.csv").set_index("image_id")
     assert list(on_disk["status"]) == list(manifest["status"])
+
+
+def test_forcing_a_backend_through_the_params(copies):
+    """data.slide_backend: pyvips reads CMU-1 and records why the JPEG 2000 slide fails."""
+    pd.DataFrame({"slide": [CMU.name, TCGA.name], "label": [0, 1], "mpp": [None, 0.5]}).to_csv(
+        copies / "dataset.csv", index=False
+    )
+    params = build_params(
+        {
+            "experiment": "forced",
+            "data": {
+                "source": "csv",
+                "csv_path": str(copies / "dataset.csv"),
+                "prepared_dir": str(copies / "prepared"),
+                "input_size": 1024,
+                "tissue_downsample": 8,
+                "slide_backend": "pyvips",
+            },
+            "run": {"num_workers": 0},
+        }
+    )
+    manifest = prepare_dataset(params, progress=False).set_index("image_id")
+    assert manifest.loc[CMU.stem, "status"] == "ok"
+    assert manifest.loc[CMU.stem, "backend"] == "pyvips"
+    status = manifest.loc[TCGA.stem, "status"]
+    assert status.startswith(str(copies / TCGA.name)) and "level 0" in status
+    assert "JPEG 2000" in status and "data.slide_backend" in status
+
+
+def test_large_levels_are_decoded_in_strips_to_a_temporary_file(copies, monkeypatch):
+    from repro.data import openslide_backend
+
+    monkeypatch.setattr(openslide_backend, "IN_MEMORY_PIXELS", 0)
+    monkeypatch.setattr(openslide_backend, "STRIP_BYTES", 4 * 4443 * 500)  # 500-row strips
+    slide = open_slide(copies / TCGA.name, mpp_override=0.5)
+    level0 = slide.read_level(0)
+    folder = slide._folders[0]
+    assert (folder / "level0.raw").exists()
+    np.testing.assert_array_equal(level0.numpy(), _reference(TCGA, (0, 0), 0, (4443, 3567)))
+    slide.close()
+    assert not folder.exists(), "the temporary level file is removed on close"

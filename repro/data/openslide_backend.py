@@ -8,7 +8,11 @@ so associated images (thumbnail, label, macro) are never levels. Regions are Ope
 :meth:`OpenSlideSlide.read_level` returns a pyvips image like the pyvips backend, so everything
 downstream works unchanged. OpenSlide decodes only on request, but pyvips cannot call back into
 it, so a level is decoded once, in strips, into a temporary raw file that pyvips maps lazily
-(``TMPDIR``; a level takes width x height x 3 bytes there until the slide is closed).
+(``TMPDIR``; a level takes width x height x 3 bytes there until the slide is closed). Levels up
+to :data:`IN_MEMORY_PIXELS` are read in one call and held in memory. Strips are requested at
+level-0 rows ``round(row * downsample)``: exact for level 0 and integer downsamples; for a large
+level with a fractional downsample OpenSlide interpolates each strip's sub-pixel remainder, as it
+does for its own DeepZoom tiles.
 """
 
 from __future__ import annotations
