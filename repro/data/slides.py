@@ -252,7 +252,7 @@ def open_slide(
         backend: ``"auto"`` (per file, see the module docstring), ``"pyvips"`` or
             ``"openslide"``.
     """
-    from repro.data import openslide_backend, pyvips_backend
+    from repro.data import openslide_backend, pyvips_backend  # they import this module
 
     path = Path(path)
     if backend not in BACKENDS:
@@ -289,9 +289,9 @@ def check_file(path: Path) -> None:
     """Raise :class:`SlideError` unless ``path`` is a non-empty file."""
     if not path.exists():
         raise SlideError(f"{path}: no such file")
-    if not path.is_file() and path.suffix.lower() != ".mrxs":
+    if not path.is_file():
         raise SlideError(f"{path}: not a file")
-    if path.is_file() and path.stat().st_size == 0:
+    if path.stat().st_size == 0:
         raise SlideError(f"{path}: empty file")
 
 
