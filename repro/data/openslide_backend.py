@@ -17,7 +17,6 @@ does for its own DeepZoom tiles.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
@@ -30,8 +29,6 @@ import pyvips
 from tqdm.auto import tqdm
 
 from repro.data.slides import SUPPORTED_FORMATS, Level, Slide, SlideError
-
-logger = logging.getLogger(__name__)
 
 IN_MEMORY_PIXELS = 2**26
 """Levels up to this many pixels (64 MP, 192 MB as RGB) are held in memory, larger ones in a
@@ -65,7 +62,7 @@ def detect_format(path: str | os.PathLike[str]) -> str | None:
 
 
 class OpenSlideSlide(Slide):
-    """A slide read with OpenSlide."""
+    """A slide read with OpenSlide; :attr:`vendor` is OpenSlide's name for its format."""
 
     backend = "openslide"
 
@@ -83,7 +80,7 @@ class OpenSlideSlide(Slide):
             raise SlideError(f"{self.path}: OpenSlide cannot open it: {error}") from None
         self._folders: list[Path] = []
         self._closer = weakref.finalize(self, _release, self._osr, self._folders)
-        self.format = self._osr.properties.get("openslide.vendor", "")
+        self.vendor = self._osr.properties.get("openslide.vendor", "")  # "aperio", "mirax", ...
         mpp_x = _float(self._osr.properties.get("openslide.mpp-x"))
         mpp_y = _float(self._osr.properties.get("openslide.mpp-y"))
         found = "no openslide.mpp-x/-y" if np.isnan(mpp_x) else f"openslide.mpp-x {mpp_x:.4g}"
