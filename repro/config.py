@@ -54,8 +54,10 @@ class RunSettings:
 class DataSettings:
     """Raw slides, preparation (paper III, IV-A) and the synthetic stand-in for PANDA."""
 
-    source: Literal["panda", "synthetic"] = "panda"
+    source: Literal["panda", "synthetic", "csv"] = "panda"  # csv: your own slides, see csv_path
     panda_dir: str = "${PANDA_DIR:-data/panda}"  # holds train.csv and train_images/
+    csv_path: str | None = None  # source csv: slide, label[, patient_id, split, mpp] per row
+    slide_backend: Literal["auto", "pyvips", "openslide"] = "auto"  # auto: chosen per file
     prepared_dir: str = "data/prepared/panda"  # shared by every experiment on this dataset
     data_provider: str = "radboud"  # PANDA provider kept; "all" keeps both
     target_mpp: float = 0.96  # um/px of the prepared images (paper: ~100x magnification)
@@ -278,7 +280,13 @@ def build_params(values: dict[str, Any], source: str = "<params>") -> Params:
 
 
 def check_data_paths(params: Params) -> None:
-    """Fail early, naming the key, when the raw PANDA data a run needs is missing."""
+    """Fail early, naming the key, when the raw data a run needs (PANDA's folder, or the CSV of
+    a CSV dataset) is missing."""
+    if params.data.source == "csv":
+        csv_path = resolve_path(expand_env(params.data.csv_path or ""))
+        if not csv_path.is_file():
+            raise ParamsError(f"data.csv_path: {csv_path} does not exist (or is not a file)")
+        return
     if params.data.source != "panda":
         return
     root = resolve_path(expand_env(params.data.panda_dir))
@@ -441,6 +449,11 @@ def _check_values(params: Params) -> list[str]:
         "must be >= 10 for the synthetic source",
     )
     require(params.data.synthetic_size >= 64, "data.synthetic_size", "must be >= 64")
+    require(
+        params.data.source != "csv" or bool(params.data.csv_path),
+        "data.csv_path",
+        "must name the dataset's CSV when data.source is csv",
+    )
     fractions = params.splits.tune_fraction + params.splits.test_fraction
     for key in ("tune_fraction", "test_fraction"):
         require(0 < getattr(params.splits, key) < 1, f"splits.{key}", "must be in (0, 1)")

@@ -21,8 +21,8 @@ from repro.config import AugmentationSettings
 from repro.data.augment import Augmenter, augmentation_rng
 from repro.data.slides import to_numpy
 from repro.data.store import open_prepared
-from repro.layout import PreparedLayout
 from repro.frames import require_columns
+from repro.layout import PreparedLayout
 
 
 class BiopsyDataset(torch.utils.data.Dataset):

@@ -1,6 +1,8 @@
 """Preparation of the raw biopsies (paper III-A, IV-A): labels, 0.96 um/px, trimming, padding.
 
-For each biopsy of ``train.csv`` (only ``data.data_provider``, unless it is ``"all"``):
+For each biopsy of ``train.csv`` (only ``data.data_provider``, unless it is ``"all"``), or of the
+dataset CSV when ``data.source`` is ``csv`` (:mod:`repro.data.sources`; slides of any format
+:func:`repro.data.slides.open_slide` reads, with the backend ``data.slide_backend``):
 
 1. the label: binary (negative = ``gleason_score`` ``negative`` or ``0+0``) and the primary
    Gleason pattern (0 for negatives, 3/4/5), kept for stratification (:func:`parse_gleason`);
@@ -39,7 +41,7 @@ import re
 import threading
 import time
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +50,13 @@ import pandas as pd
 import pyvips
 from tqdm.auto import tqdm
 
-from repro.io.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
 from repro.config import Params, check_data_paths, resolve_path
 from repro.data.slides import SlideError, crop_or_pad, explain_error, open_slide, save_pyramid
+from repro.data.sources import SOURCE_COLUMNS, read_csv_dataset
 from repro.data.synthetic import generate_synthetic_panda
 from repro.data.tissue import bounding_box, min_object_area, tissue_mask
 from repro.exceptions import NoTissueError
+from repro.io.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
 from repro.layout import PreparedLayout
 
 logger = logging.getLogger(__name__)
@@ -196,6 +199,7 @@ class PrepareSettings:
     tissue_min_object_px: int
     tissue_downsample: int
     mpp_override: float | None
+    slide_backend: str = "auto"
 
     @classmethod
     def from_params(cls, params: Params) -> PrepareSettings:
@@ -209,6 +213,7 @@ class PrepareSettings:
             tissue_min_object_px=data.tissue_min_object_px,
             tissue_downsample=data.tissue_downsample,
             mpp_override=data.mpp_override,
+            slide_backend=data.slide_backend,
         )
 
     def fingerprint(self) -> str:
@@ -232,7 +237,7 @@ def prepare_image(
     """
     size = settings.input_size
     down = settings.tissue_downsample
-    slide = open_slide(source, mpp_override=settings.mpp_override)
+    slide = open_slide(source, mpp_override=settings.mpp_override, backend=settings.slide_backend)
     level = slide.best_level(settings.target_mpp)
     scaled = slide.read_at_mpp(settings.target_mpp)
     mask_width, mask_height = math.ceil(scaled.width / down), math.ceil(scaled.height / down)
@@ -268,7 +273,8 @@ def prepare_image(
             save_pyramid(prepared, partial_image, settings.target_mpp)
         except pyvips.Error as error:
             reason = explain_error(error, "cannot read or write pixels")
-            raise SlideError(f"{source}: {reason}") from None
+            where = f"level {level.index} ({level.width}x{level.height}, whole level)"
+            raise SlideError(f"{source}: {where}, read with {slide.backend}: {reason}") from None
         with atomic_path(mask_path) as partial_mask:
             pyvips.Image.new_from_array(out_mask.astype(np.uint8) * 255).pngsave(str(partial_mask))
     return {
@@ -291,6 +297,7 @@ def prepare_image(
         "trim_height": height,
         "offset_x": left,
         "offset_y": top,
+        "backend": slide.backend,
     }
 
 
@@ -345,25 +352,32 @@ def prepare_dataset(params: Params, *, progress: bool = True) -> pd.DataFrame:
         (prepared / folder).mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(prepared / folder)
     settings = PrepareSettings.from_params(params)
-    labels = read_labels(raw / "train.csv", data.data_provider)
+    if data.source == "csv":
+        labels = read_csv_dataset(resolve_path(data.csv_path))
+    else:
+        labels = read_labels(raw / "train.csv", data.data_provider)
 
     rows: dict[str, dict[str, Any]] = {}
     tasks: list[_Task] = []
     for entry in labels.to_dict("records"):
         image_id = entry["image_id"]
-        source = raw / "train_images" / f"{image_id}.tiff"
+        source = Path(entry.get("slide") or raw / "train_images" / f"{image_id}.tiff")
+        mpp = entry.pop("mpp", None)
+        image_settings = (
+            settings if mpp is None or pd.isna(mpp) else replace(settings, mpp_override=mpp)
+        )
         if entry["status"] != OK:
             rows[image_id] = entry
         elif not source.exists():
             rows[image_id] = {**entry, "status": f"missing image: {source}"}
             logger.warning("%s: missing image file %s", image_id, source)
         else:
-            finished = _finished_row(prepared, image_id, settings)
+            finished = _finished_row(prepared, image_id, image_settings)
             if finished is not None:
                 rows[image_id] = {**entry, **finished}
             else:
                 rows[image_id] = {**entry, "status": "not prepared (interrupted)"}
-                tasks.append(_Task(image_id, str(source), str(prepared), settings))
+                tasks.append(_Task(image_id, str(source), str(prepared), image_settings))
     skipped = sum(1 for row in rows.values() if row["status"] == OK)
     if skipped:
         logger.info("%d of %d images already prepared (verified), skipped", skipped, len(rows))
@@ -401,12 +415,14 @@ def load_manifest(params: Params) -> pd.DataFrame:
     path = params.prepared.manifest
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; run notebook 01 (prepare_dataset) first")
-    return pd.read_csv(path, dtype={"image_id": str, "gleason_score": str, "status": str})
+    dtypes = {"image_id": str, "gleason_score": str, "status": str, "patient_id": str, "split": str}
+    return pd.read_csv(path, dtype=dtypes)
 
 
 def summarize(manifest: pd.DataFrame) -> pd.DataFrame:
     """Counts per class (negative, pattern 3/4/5, unknown) and outcome (ok / failed)."""
-    names = {0: "negative", 3: "pattern 3", 4: "pattern 4", 5: "pattern 5", -1: "unknown grade"}
+    names = {0: "negative", 1: "positive", 3: "pattern 3", 4: "pattern 4", 5: "pattern 5"}
+    names[-1] = "unknown grade"
     classes = manifest["primary_pattern"].map(names).fillna("unknown grade").rename("class")
     outcome = pd.Series(
         np.where(manifest["status"] == OK, "ok", "failed"), index=manifest.index, name="images"
@@ -538,4 +554,4 @@ def _frame(rows: dict[str, dict[str, Any]], order: list[str]) -> pd.DataFrame:
     for column in MANIFEST_COLUMNS:
         if column not in frame.columns:
             frame[column] = np.nan
-    return frame[MANIFEST_COLUMNS]
+    return frame[MANIFEST_COLUMNS + [c for c in SOURCE_COLUMNS if c in frame.columns]]

@@ -16,6 +16,13 @@ size k is ``subset_rank < k``. Every prefix of that order is as balanced as it c
 pattern runs out, the others share its places. At 250 this gives 125 negatives and 42/42/41
 positives; the paper's 5% set had 127 and 41/41/41 (51% negatives): equal positives, negatives
 filling up. Only images whose manifest status is ``"ok"`` take part.
+
+Datasets from a CSV (``data.source: csv``, :mod:`repro.data.sources`) may carry a ``patient_id``
+per slide: then patients are split, not slides (stratified on each patient's highest class, the
+fractions counting patients), so that no patient is in two sets, as in the paper. A CSV with a
+``split`` column gives the split itself; it is used as it is (a patient in two of its sets is an
+error). Their positives have no Gleason pattern (primary pattern 1): Table I then has a
+``positive`` column, and the subsets are half negatives, half positives.
 """
 
 from __future__ import annotations
@@ -27,8 +34,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from repro.io.atomic import write_text_atomic
 from repro.config import Params, resolve_path
+from repro.data.sources import POSITIVE
+from repro.io.atomic import write_text_atomic
 
 SPLITS = ("train", "tune", "test")
 PATTERNS = (0, 3, 4, 5)
@@ -79,13 +87,26 @@ def make_splits(manifest: pd.DataFrame, params: Params, write: bool = True) -> p
     usable["label"] = usable["label"].astype(int)
     usable["primary_pattern"] = usable["primary_pattern"].astype(int)
     seed = params.run.seed
-    split = assign_splits(
-        usable["primary_pattern"].to_numpy(),
-        params.splits.tune_fraction,
-        params.splits.test_fraction,
-        seed,
-    )
-    usable["split"] = split
+    patients = patient_ids(usable)
+    given = usable["split"] if "split" in usable.columns else pd.Series(np.nan, usable.index)
+    if given.notna().all():
+        usable["split"] = given.astype(str).str.strip().str.lower()
+        check_patients(usable["split"], patients)
+    elif patients is not None:
+        usable["split"] = assign_patient_splits(
+            usable["primary_pattern"].to_numpy(),
+            patients.to_numpy(),
+            params.splits.tune_fraction,
+            params.splits.test_fraction,
+            seed,
+        )
+    else:
+        usable["split"] = assign_splits(
+            usable["primary_pattern"].to_numpy(),
+            params.splits.tune_fraction,
+            params.splits.test_fraction,
+            seed,
+        )
     usable["subset_rank"] = -1
     train = usable["split"] == "train"
     usable.loc[train, "subset_rank"] = subset_ranks(
@@ -93,7 +114,10 @@ def make_splits(manifest: pd.DataFrame, params: Params, write: bool = True) -> p
         seed,
         params.splits.subset_negative_fraction,
     )
-    splits = usable[SPLIT_COLUMNS].reset_index(drop=True)
+    columns = SPLIT_COLUMNS + (["patient_id"] if patients is not None else [])
+    if patients is not None:
+        usable["patient_id"] = patients
+    splits = usable[columns].reset_index(drop=True)
     if write:
         write_text_atomic(splits_path(params), splits.to_csv(index=False))
     return splits
@@ -120,6 +144,56 @@ def assign_splits(
         out[members[: tune[stratum]]] = "tune"
         out[members[tune[stratum] : tune[stratum] + test[stratum]]] = "test"
     return out
+
+
+def patient_ids(table: pd.DataFrame) -> pd.Series | None:
+    """The ``patient_id`` column as strings (a slide without one is its own patient), or None
+    when the table has no patient ids at all."""
+    if "patient_id" not in table.columns or table["patient_id"].isna().all():
+        return None
+    patients = table["patient_id"].astype("string").str.strip()
+    own = "slide:" + table["image_id"].astype(str)
+    return patients.where(patients.notna() & (patients != ""), own).astype(str)
+
+
+def assign_patient_splits(
+    patterns: np.ndarray,
+    patients: np.ndarray,
+    tune_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> np.ndarray:
+    """:func:`assign_splits` over patients: every slide gets its patient's split.
+
+    A patient's stratum is the highest primary pattern among its slides (any cancer makes it a
+    cancer patient); the fractions are fractions of patients.
+    """
+    patterns = np.asarray(patterns)
+    patients = np.asarray(patients).astype(str)
+    unique, inverse = np.unique(patients, return_inverse=True)
+    strata = np.zeros(len(unique), dtype=int)
+    np.maximum.at(strata, inverse, patterns)
+    per_patient = assign_splits(strata, tune_fraction, test_fraction, seed)
+    return per_patient[inverse]
+
+
+def check_patients(split: pd.Series, patients: pd.Series | None) -> None:
+    """Raise ``ValueError`` for an unknown split name or a patient in two sets."""
+    unknown = sorted(set(split) - set(SPLITS))
+    if unknown:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {unknown}")
+    if patients is None:
+        return
+    sets = pd.DataFrame({"patient": patients, "split": split}).groupby("patient")["split"]
+    mixed = sets.nunique()
+    mixed = mixed[mixed > 1]
+    if not mixed.empty:
+        patient = mixed.index[0]
+        found = sorted(set(sets.get_group(patient)))
+        raise ValueError(
+            f"the given split puts patient {patient!r} in {found}; "
+            f"{len(mixed)} patient(s) are in more than one set"
+        )
 
 
 def _allocate(sizes: dict, fraction: float, taken: dict) -> dict:
@@ -250,6 +324,8 @@ def table1(
     sets.append(("Test set", splits.loc[splits["split"] == "test"]))
     records = []
     names = {0: "negative", 3: "pattern_3", 4: "pattern_4", 5: "pattern_5"}
+    if (splits["primary_pattern"] == POSITIVE).any():
+        names[POSITIVE] = "positive"  # CSV datasets: cancer without a Gleason pattern
     for name, rows in sets:
         counts = rows["primary_pattern"].value_counts()
         record: dict[str, object] = {"dataset": name, "total": len(rows)}
@@ -267,10 +343,13 @@ def table1_markdown(table: pd.DataFrame, title: str = "") -> str:
     table has no count columns, like :data:`PAPER_TABLE1`)."""
     lines = [
         f"**{title}**\n" if title else "",
-        "| Dataset | Total | Negative | 3 | 4 | 5 |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    columns = ("negative", "pattern_3", "pattern_4", "pattern_5")
+    columns = ["negative", "pattern_3", "pattern_4", "pattern_5"]
+    header = "| Dataset | Total | Negative | 3 | 4 | 5 |"
+    if "positive_pct" in table.columns:
+        columns.append("positive")
+        header += " Positive (no pattern) |"
+    lines += [header, "| --- | ---: |" + " ---: |" * len(columns)]
     counts = all(column in table.columns for column in columns)
     for row in table.itertuples(index=False):
         cells = [

@@ -8,9 +8,9 @@ import pandas as pd
 import pyvips
 from tqdm.auto import tqdm
 
+from repro.data.slides import to_numpy
 from repro.data.store import open_prepared
 from repro.layout import PreparedLayout
-from repro.data.slides import to_numpy
 
 
 def channel_stats(

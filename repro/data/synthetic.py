@@ -39,8 +39,8 @@ import pandas as pd
 import pyvips
 from tqdm.auto import tqdm
 
-from repro.io.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
 from repro.data.slides import save_pyramid
+from repro.io.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
 
 LEVEL0_MPP = 0.48
 """Level-0 microns per pixel of the generated slides (PANDA Radboud: about 0.48)."""
@@ -247,7 +247,7 @@ def write_slide(
     if isinstance(pixels, np.ndarray):
         image = pyvips.Image.new_from_array(np.ascontiguousarray(pixels), interpretation="srgb")
     with atomic_path(path) as temporary:
-        save_pyramid(image, temporary, mpp)
+        save_pyramid(image, temporary, mpp, layout="panda")
 
 
 @functools.lru_cache(maxsize=4)
