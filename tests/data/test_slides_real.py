@@ -141,10 +141,10 @@ def test_preparing_a_folder_of_mixed_files(copies):
     assert ok.loc[TCGA.stem, "orig_mpp"] == 0.5 and ok.loc[CMU.stem, "orig_mpp"] == 0.499
     assert (ok[["width", "height"]] == 1024).all().all()
     for image_id in ok.index:
-        assert (copies / "prepared" / "images" / f"{image_id}.tiff").exists()
+        assert params.prepared.image(image_id).exists()
     assert "broken.svs: not an image file" in manifest.loc["broken", "status"]
     assert "missing image" in manifest.loc["absent", "status"]
-    on_disk = pd.read_csv(copies / "prepared" / "manifest.csv").set_index("image_id")
+    on_disk = pd.read_csv(params.prepared.manifest).set_index("image_id")
     assert list(on_disk["status"]) == list(manifest["status"])
 
 

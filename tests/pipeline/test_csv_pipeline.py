@@ -16,6 +16,7 @@ import yaml
 from repro.config import PROJECT_ROOT
 from repro.data.synthetic import render_biopsy
 from repro.data.tiff import join_pages
+from repro.layout import PreparedLayout, RunLayout
 from repro.pipeline.runner import run_pipeline
 
 MPP = 0.48
@@ -109,7 +110,9 @@ def test_csv_dataset_through_notebooks_01_to_07(csv_dataset, tmp_path):
     )
     run_dir = run_pipeline(params_path, out_dir=tmp_path / "runs")
 
-    manifest = pd.read_csv(tmp_path / "prepared" / "manifest.csv", dtype={"patient_id": str})
+    layout = RunLayout(run_dir)
+    prepared = PreparedLayout(tmp_path / "prepared")
+    manifest = pd.read_csv(prepared.manifest, dtype={"patient_id": str})
     assert (manifest["status"] == "ok").all(), manifest.loc[manifest["status"] != "ok", "status"]
     svs = manifest["slide"].str.endswith(".svs")
     assert (manifest.loc[svs, "backend"] == "openslide").all()
@@ -117,7 +120,7 @@ def test_csv_dataset_through_notebooks_01_to_07(csv_dataset, tmp_path):
     assert (manifest["orig_width"] == 768).all()
     assert np.allclose(manifest["orig_mpp"], MPP, rtol=1e-5)
 
-    splits = pd.read_csv(run_dir / "splits.csv", dtype={"patient_id": str})
+    splits = pd.read_csv(layout.splits, dtype={"patient_id": str})
     assert len(splits) == 24
     assert splits.groupby("patient_id")["split"].nunique().max() == 1, "a patient in two splits"
     shared = splits["patient_id"].str.match(r"^[PQ]")
@@ -129,7 +132,7 @@ def test_csv_dataset_through_notebooks_01_to_07(csv_dataset, tmp_path):
         assert (run_dir / notebook.name).exists(), notebook.name
     test_ids = set(splits.loc[splits["split"] == "test", "image_id"])
     for method in ("streaming", "mil"):
-        predictions = pd.read_csv(run_dir / method / "predictions_test.csv")
+        predictions = pd.read_csv(layout.method(method).predictions("test"))
         assert set(predictions["image_id"]) == test_ids
     figures = {path.name for path in (tmp_path / "figures").iterdir()}
     assert "table1_csv-smoke.md" in figures
