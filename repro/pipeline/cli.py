@@ -1,5 +1,13 @@
-"""Command line: ``python -m repro run params/demo.yaml [--only 03,05] [--out runs/] [--force]``
-(``--verbose`` also shows papermill's log and the kernel's output on the terminal)."""
+"""Command line of the package.
+
+- ``python -m repro run params/demo.yaml [--only 03,05] [--out runs/] [--force] [--verbose]``:
+  the numbered notebooks (``--verbose`` also shows papermill's log and the kernel's output).
+- ``python -m repro train streaming|mil params/full.yaml [--out DIR] [--no-progress]``: one
+  method's training outside the notebooks, also under ``torchrun`` (README, multi-GPU).
+- ``python -m repro synth [params.yaml] ...``: a synthetic PANDA-format biopsy set.
+
+Commands import what they need when they run, so ``run`` and ``synth`` start without torch.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +16,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from repro.config import ParamsError
+from repro.exceptions import ParamsError
 from repro.pipeline.runner import NotebookFailedError, run_pipeline
 
 
@@ -26,6 +34,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="also show papermill's log and the kernel's output (always in runs/<exp>/run.log)",
     )
+    train = commands.add_parser("train", help="train one method (also under torchrun)")
+    train.add_argument("method", choices=("streaming", "mil"), help="which method to train")
+    train.add_argument("params", help="params YAML, e.g. params/full.yaml")
+    train.add_argument("--out", help="output root instead of run.out_dir")
+    train.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     synth = commands.add_parser("synth", help="generate a synthetic PANDA-format biopsy set")
     synth.add_argument("params", nargs="?", help="params YAML giving data.panda_dir, size, seed")
     synth.add_argument("--out", help="output folder (default: the params' data.panda_dir)")
@@ -36,6 +49,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "synth":
         return _synth(args)
+    if args.command == "train":
+        from repro.pipeline.training import train_command
+
+        try:
+            return train_command(args)
+        except (ParamsError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
     only = args.only.split(",") if args.only else None
     try:
         for params_path in args.params:
