@@ -5,6 +5,7 @@ An experiment's run directory::
     runs/<experiment>/
       splits.csv                      train/tune/test (+ subset rank) per image (notebook 02)
       run.log                         papermill and kernel log of ``python -m repro run``
+      NN_<notebook>.ipynb (+ .html)   executed notebooks; .done/ marks the complete ones
       streaming/ and mil/             one method each (:class:`MethodLayout`)
 
 A prepared dataset (notebook 01, shared by the experiments on it)::
@@ -154,6 +155,14 @@ class RunLayout:
     @property
     def log(self) -> Path:
         return self.root / "run.log"
+
+    def notebook(self, name: str) -> Path:
+        """The executed copy of notebook ``name`` (e.g. ``03_train_streaming.ipynb``)."""
+        return self.root / name
+
+    def notebook_done(self, stem: str) -> Path:
+        """The marker that the notebook ``stem`` ran to the end with these params."""
+        return self.root / ".done" / f"{stem}.json"
 
     def method(self, name: str) -> MethodLayout:
         """The folder of ``name`` (one of :data:`METHODS`)."""

@@ -85,8 +85,7 @@ def run_pipeline(
     overrides = {"run": {"out_dir": str(Path(out_dir).resolve())}} if out_dir else None
     params = load_params(params_path, overrides=overrides)
     run_dir = params.run_dir
-    marker_dir = run_dir / ".done"
-    marker_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
     log = params.layout.log
     parameters = _notebook_parameters(params_path, overrides)
     fingerprint = _fingerprint(params)
@@ -95,8 +94,8 @@ def run_pipeline(
     with logging_redirect_tqdm(), tqdm(total=len(notebooks), unit="notebook") as bar:
         for notebook in notebooks:
             bar.set_description(f"{params.experiment}: {notebook.stem}")
-            output = run_dir / notebook.name
-            marker = marker_dir / f"{notebook.stem}.json"
+            output = params.layout.notebook(notebook.name)
+            marker = params.layout.notebook_done(notebook.stem)
             if not rerun and _is_complete(marker, output, fingerprint):
                 tqdm.write(f"{notebook.stem}: complete, skipped (--force re-runs it)")
                 bar.update()
