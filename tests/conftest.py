@@ -1,6 +1,6 @@
-"""Fixtures shared by the whole suite: params for tests (:func:`make_params`, which every test
-that builds params from settings uses), the small prepared synthetic set of the MIL tests
-(prepared once per session), and evaluated runs for the evaluation and reporting tests."""
+"""Fixtures shared by the whole suite: params for tests (:func:`make_params`, the one builder of
+small test settings: tests state only what they change), the small prepared synthetic set of the
+MIL tests (prepared once per session), and evaluated runs for the evaluation and reporting tests."""
 
 from __future__ import annotations
 
