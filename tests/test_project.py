@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from repro.config import PROJECT_ROOT
-from repro.pipeline import list_notebooks
+from repro.pipeline.runner import list_notebooks
 
 EXPECTED_NOTEBOOKS = [
     "01_prepare_data",

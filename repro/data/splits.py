@@ -39,7 +39,6 @@ from repro.data.sources import POSITIVE
 from repro.io.atomic import write_text_atomic
 
 SPLITS = ("train", "tune", "test")
-PATTERNS = (0, 3, 4, 5)
 SPLIT_COLUMNS = [
     "image_id",
     "label",

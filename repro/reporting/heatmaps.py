@@ -19,6 +19,7 @@ from torch import nn
 from repro.config import Params
 from repro.evaluation.metrics import max_accuracy_threshold
 from repro.evaluation.saliency import cached_smoothgrad_map, heatmap_shape, smoothgrad_map
+from repro.frames import require_columns
 from repro.methods.streaming import load_final_model
 from repro.reporting.figures import HeatmapExample
 from repro.training.runtime import set_torch_threads
@@ -53,9 +54,7 @@ def patch_probability_map(
     Returns:
         (h, w) float32 map; where patches overlap, the highest probability.
     """
-    missing = [c for c in ("x", "y", "score") if c not in patches.columns]
-    if missing:
-        raise ValueError(f"patches: missing columns {missing}, got {list(patches.columns)}")
+    require_columns(patches, ["x", "y", "score"], "patches")
     height, width = image_size
     shape = heatmap_shape(height, width, size)
     scale_y, scale_x = shape[0] / height, shape[1] / width

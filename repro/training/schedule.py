@@ -335,11 +335,6 @@ def write_metrics(history: Sequence[Mapping[str, Any]], path: str | os.PathLike[
     write_text_atomic(path, buffer.getvalue())
 
 
-def read_selection(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """``selection.json`` of a finished run."""
-    return json.loads((Path(out_dir) / "selection.json").read_text())
-
-
 def describe_selection(selection: Mapping[str, Any]) -> str:
     """``selection.json`` in a few lines of text (for notebooks and logs)."""
     lines = []
