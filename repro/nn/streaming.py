@@ -11,7 +11,12 @@ The tiling is derived from the module itself: each supported layer maps an outpu
 to the input window ``[o * stride - left, o * stride + right]``. A tile's input crop starts at a
 multiple of the stride (so its outputs lie on the image's output grid) and carries enough margin
 that the outputs kept from it never see the zero padding of the crop's inner edges. Inside a tile,
-every layer's output is cut to the region the following layers need. See docs/streaming.md.
+every layer's output is cut to the region the following layers need.
+
+Content-aware (the default) it also skips work that cannot change the result: a tile whose input
+crop and geometry equal those of a tile computed before copies that tile's output, and the
+backward pass skips tiles whose output gradient is all zeros, backpropagates identical tiles once
+and recomputes only the boxes of a tile where the gradient is not zero. See docs/streaming.md.
 """
 
 from __future__ import annotations
@@ -551,23 +556,66 @@ class _Tiler:
                 yield None, slices[src], src
             elif input_grad:
                 for i in reversed(live):
-                    yield self._trimmed(i, slices[i])
+                    yield from self._trimmed(i, slices[i])
             else:
-                yield self._trimmed(src, sum(slices[i] for i in live[1:]) + slices[live[0]])
+                yield from self._trimmed(src, sum(slices[i] for i in live[1:]) + slices[live[0]])
 
     def _trimmed(self, i: int, g: torch.Tensor):
-        """(tile, cotangent, i): tile ``i`` cut to the bounding box of ``g``'s non-zeros."""
+        """(tile, cotangent, i) for each part of tile ``i`` where ``g`` is not zero: the tile cut
+        to the bounding box of the non-zeros, split further where that saves pixels."""
         tile = self.plan.tiles[i]
         nonzero = g.ne(0).flatten(0, -3).any(0)
-        rows = nonzero.any(1).nonzero().flatten()
-        cols = nonzero.any(0).nonzero().flatten()
-        r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-        if (r0, c0, r1, c1) == (0, 0, *g.shape[-2:]):
-            return tile, g, i
-        out_rows = (tile.out_rows[0] + r0, tile.out_rows[0] + r1)
-        out_cols = (tile.out_cols[0] + c0, tile.out_cols[0] + c1)
-        sub = _tile(self.root, self.plan.input_size, out_rows, out_cols)
-        return sub, g[..., r0:r1, c0:c1], i
+        if bool(nonzero.all()):
+            yield tile, g, i
+            return
+        for (r0, r1), (c0, c1) in _boxes(nonzero, self._box_pixels):
+            out_rows = (tile.out_rows[0] + r0, tile.out_rows[0] + r1)
+            out_cols = (tile.out_cols[0] + c0, tile.out_cols[0] + c1)
+            sub = _tile(self.root, self.plan.input_size, out_rows, out_cols)
+            yield sub, g[..., r0:r1, c0:c1], i
+
+    def _box_pixels(self, rows: int, cols: int) -> int:
+        """Input pixels of an interior tile with ``rows`` x ``cols`` outputs: its cost."""
+        (sr, sc), (mr, mc) = self.plan.stride, self.plan.margin
+        return (rows * sr + mr) * (cols * sc + mc)
+
+
+def _boxes(mask: torch.Tensor, pixels) -> list[tuple[Range, Range]]:
+    """Boxes (rows, cols) that cover the True entries of the 2D ``mask``: its bounding box, split
+    at the widest run of all-False rows or columns inside it when the two parts' bounding boxes
+    cost fewer ``pixels(rows, cols)`` than the whole (recursively)."""
+    rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
+    (r0, r1), (c0, c1) = (int(rows[0]), int(rows[-1]) + 1), (int(cols[0]), int(cols[-1]) + 1)
+    whole = [((r0, r1), (c0, c1))]
+    best, best_cost = whole, pixels(r1 - r0, c1 - c0)
+    for axis, (lo, hi) in enumerate(((r0, r1), (c0, c1))):
+        used = mask.any(1 - axis)[lo:hi].tolist()
+        gap = _widest_gap(used)
+        if gap is None:
+            continue
+        parts = []
+        for a, b in ((lo, lo + gap[0]), (lo + gap[1], hi)):
+            part = mask[a:b] if axis == 0 else mask[:, a:b]
+            dr, dc = (a, 0) if axis == 0 else (0, a)
+            for (p, q), (u, v) in _boxes(part, pixels):
+                parts.append(((p + dr, q + dr), (u + dc, v + dc)))
+        cost = sum(pixels(r[1] - r[0], c[1] - c[0]) for r, c in parts)
+        if cost < best_cost:
+            best, best_cost = parts, cost
+    return best
+
+
+def _widest_gap(used: list[bool]) -> Range | None:
+    """The widest run ``[a, b)`` of False in ``used`` (which starts and ends with True)."""
+    best, start = None, None
+    for i, u in enumerate(used):
+        if not u and start is None:
+            start = i
+        elif u and start is not None:
+            if best is None or i - start > best[1] - best[0]:
+                best = (start, i)
+            start = None
+    return best
 
 
 def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
@@ -805,8 +853,7 @@ class _MemoryModel:
         numel = math.prod(input_shape)
         weights = sum(p.numel() * p.element_size() for p in module.parameters())
         self.fixed = numel * input_dtype.itemsize
-        if input_grad:
-            self.fixed += numel * _float_dtype(module).itemsize
+        self.input_grad = numel * _float_dtype(module).itemsize if input_grad else 0
         self.head_saved = self.head_largest = 0
         if head is not None:
             weights += sum(p.numel() * p.element_size() for p in head.parameters())
@@ -837,18 +884,17 @@ class _MemoryModel:
         """Predicted peak bytes of one step with tiles of ``tile_size``."""
         plan = _plan(self.node, self.input_shape[-2:], nn.modules.utils._pair(tile_size))
         shapes = [(t.rows[1] - t.rows[0], t.cols[1] - t.cols[0]) for t in plan.tiles]
-        tile_peak = max(
-            self._tile(*s, self.saved) + 2 * self._tile(*s, self.largest) for s in shapes
-        )
+        tile_peak = max(self._tile(*s, self.saved) + self._tile(*s, self.largest) for s in shapes)
         kept = self._tile(*shapes[-1], self.saved) if self.keep_last_tile else 0
         fmap = self.out_bytes_per_pixel * math.prod(plan.output_size)
         head_saved, head_largest = self._head_bytes(
             (self.input_shape[0], self.out_channels, *plan.output_size)
         )
         # The map, the kept tile and the head's activations while the head runs backward; the
-        # map's gradient and one recomputed tile while the streamed part runs backward.
-        head = fmap + kept + max(head_saved + 2 * head_largest, fmap)
-        stream = fmap + tile_peak
+        # map's gradient, the input gradient and one recomputed tile while the streamed part
+        # runs backward.
+        head = fmap + kept + max(head_saved + head_largest, fmap)
+        stream = fmap + self.input_grad + tile_peak
         return int(self.fixed + max(head, stream))
 
 
@@ -868,14 +914,15 @@ def estimate_peak_bytes(
     backward, all parameters trainable. The activations autograd saves are counted on the meta
     device (nothing is computed): for one tile at three square tile sizes, fitted by a quadratic
     in the side (extended to rectangles, exact for interior tiles), and for the head on the
-    whole output map. The peak is the larger of two moments: the head's backward (input, output
-    map, the kept last tile, the head's saved activations plus twice its largest) and the
-    streamed backward (output-map gradient, one tile's saved activations plus twice its largest
-    tensor for the gradients in flight). Added throughout: the weights with two gradient
-    buffers, the input (in ``input_dtype``) and its gradient if requested. Not included:
-    allocator overhead, library workspaces and the optimiser state; activations are counted in
-    the module's dtype, so under autocast the estimate is conservative. It holds for the plain
-    path, which the content-aware path never exceeds.
+    whole output map. The peak is the larger of two moments: the head's backward (output map,
+    the kept last tile, the head's saved activations plus the largest of them) and the streamed
+    backward (output-map gradient, the input gradient if requested, one tile's saved activations
+    plus its largest tensor, for the gradient in flight when the backward pass reaches it; the
+    later layers' tensors are freed by then). Added throughout: the weights with two gradient
+    buffers and the input (in ``input_dtype``). Not included: allocator overhead, library
+    workspaces and the optimiser state; activations are counted in the module's dtype, so under
+    autocast the estimate is conservative. It holds for the plain path, which the content-aware
+    path never exceeds.
 
     Args:
         module: a fully convolutional module or a :class:`StreamingModule`.
