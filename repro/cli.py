@@ -26,6 +26,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     synth.add_argument("--images", type=int, help="number of biopsies (data.synthetic_images)")
     synth.add_argument("--size", type=int, help="level-0 width in px (data.synthetic_size)")
     synth.add_argument("--seed", type=int, help="random seed (run.seed)")
+    synth.add_argument(
+        "--task",
+        choices=["local", "context"],
+        help="what separates the classes (data.synthetic_task)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "synth":
@@ -42,7 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    """``python -m repro synth [params.yaml] [--out DIR] [--images N] [--size PX] [--seed S]``."""
+    """``python -m repro synth [params.yaml] [--out DIR] [--images N] [--size PX] [--seed S]
+    [--task local|context]``."""
     from repro.config import load_params, resolve_path
     from repro.data.synthetic import generate_synthetic_panda
 
@@ -54,9 +60,13 @@ def _synth(args: argparse.Namespace) -> int:
         images = args.images if args.images is not None else params.data.synthetic_images
         size = args.size if args.size is not None else params.data.synthetic_size
         seed = args.seed if args.seed is not None else (params.run.seed if params else 0)
-        root = generate_synthetic_panda(resolve_path(out), images, size, seed)
+        task = args.task or (params.data.synthetic_task if params else "local")
+        root = generate_synthetic_panda(resolve_path(out), images, size, seed, task)
     except (ParamsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"synthetic PANDA-format set ({images} biopsies, {size} px, seed {seed}): {root}")
+    print(
+        f"synthetic PANDA-format set ({task} task, {images} biopsies, {size} px, "
+        f"seed {seed}): {root}"
+    )
     return 0

@@ -104,3 +104,49 @@ def test_patterns_look_different():
         stats[pattern] = ((values.min(1) > 200).mean(), values.mean())
     assert stats[5][0] < 0.01 < stats[4][0]  # pattern 5: no lumina
     assert stats[5][1] < stats[3][1]  # pattern 5: darkest
+
+
+def test_label_masks_in_pandas_layout(raw_set):
+    """train_label_masks/<id>_mask.tiff: the slide's pyramid, Radboud values in the red channel,
+    tumour (>= 3) exactly in the cancers."""
+    from repro.data.masks import label_mask_path, read_label_mask
+
+    table = pd.read_csv(raw_set / "train.csv", dtype={"image_id": str})
+    for image_id, score in zip(table["image_id"], table["gleason_score"], strict=True):
+        path = label_mask_path(raw_set, image_id)
+        slide = open_slide(raw_set / "train_images" / f"{image_id}.tiff")
+        mask = open_slide(path)
+        assert [(lv.width, lv.height) for lv in mask.levels] == [
+            (lv.width, lv.height) for lv in slide.levels
+        ]
+        rgb = pyvips.Image.new_from_file(str(path)).numpy()
+        assert rgb.shape[2] == 3 and not rgb[..., 1:].any()  # label in red, like PANDA
+        labels = read_label_mask(path)
+        values = set(np.unique(labels).tolist())
+        assert values <= {0, 1, 2, 3, 4, 5} and {0, 1, 2} <= values
+        label, primary = parse_gleason(score)
+        assert (labels >= 3).any() == bool(label)
+        if label:
+            assert primary in values
+        smallest = read_label_mask(path, level=-1)
+        assert set(np.unique(smallest).tolist()) <= values  # nearest neighbour: no blends
+
+
+def test_mimics_match_tumour_in_colour_not_in_architecture():
+    """A mimic is the tumour's texture with its 3 x 3 blocks shuffled: the same colours (exactly),
+    a different arrangement; negatives carry mimics, labelled stroma."""
+    from repro.data.synthetic import _shuffle_blocks, render_case
+
+    pixels, labels = render_case(np.random.default_rng(3), 768, 384, 0, 0)
+    dark = (labels == 1) & (pixels.astype(int).sum(axis=2) < 450)
+    assert dark.sum() > 500 and not (labels >= 3).any()
+
+    pixels, labels = render_case(np.random.default_rng(4), 768, 384, 3, 3)
+    tumour = labels == 3
+    image = pixels.astype(np.float32)
+    mimic = image.copy()
+    _shuffle_blocks(np.random.default_rng(0), mimic, tumour, 3)
+    assert (mimic[~tumour] == image[~tumour]).all()
+    before, after = image[tumour].reshape(-1, 3), mimic[tumour].reshape(-1, 3)
+    assert (np.sort(before, axis=0) == np.sort(after, axis=0)).all()  # same colours
+    assert np.abs(after - before).mean() > 20  # moved

@@ -51,13 +51,14 @@ from tqdm.auto import tqdm
 from repro.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
 from repro.config import Params, check_data_paths, resolve_path
 from repro.data.slides import SlideError, crop_or_pad, explain_error, open_slide, save_pyramid
+from repro.data.masks import prepare_labels_beside
 from repro.data.synthetic import generate_synthetic_panda
 from repro.data.tissue import bounding_box, min_object_area, tissue_mask
 
 logger = logging.getLogger(__name__)
 
 OK = "ok"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: label masks (labels/<image_id>.png) when the raw set has them
 """Bumped when the prepared files change meaning; older prepared images are then redone."""
 
 LABEL_COLUMNS = ["image_id", "data_provider", "isup_grade", "gleason_score"]
@@ -90,6 +91,8 @@ MANIFEST_COLUMNS = [
     "trim_height",
     "offset_x",
     "offset_y",
+    "label_path",
+    "tumour_fraction",
 ]
 """Manifest columns. ``width``/``height``: the prepared size (input_size); ``orig_*``: level 0 of
 the raw slide; ``scaled_*``: the slide at target mpp; ``trim_*``: the tissue bounding box in it;
@@ -273,7 +276,10 @@ def prepare_image(
             raise SlideError(f"{source}: {reason}") from None
         with atomic_path(mask_path) as partial_mask:
             pyvips.Image.new_from_array(out_mask.astype(np.uint8) * 255).pngsave(str(partial_mask))
+        box, scaled_size = (x0, y0, width, height), (scaled.width, scaled.height)
+        labels = prepare_labels_beside(source, mask_path, scaled_size, box, (left, top), size)
     return {
+        **labels,
         "width": size,
         "height": size,
         "mask_downsample": down,
@@ -340,7 +346,9 @@ def prepare_dataset(params: Params, *, progress: bool = True) -> pd.DataFrame:
     data = params.data
     raw = resolve_path(data.panda_dir)
     if data.source == "synthetic":
-        generate_synthetic_panda(raw, data.synthetic_images, data.synthetic_size, params.run.seed)
+        generate_synthetic_panda(
+            raw, data.synthetic_images, data.synthetic_size, params.run.seed, data.synthetic_task
+        )
     check_data_paths(params)
     prepared = resolve_path(data.prepared_dir)
     for folder in ("images", "masks", "records"):

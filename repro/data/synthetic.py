@@ -1,8 +1,10 @@
 """A synthetic biopsy set in PANDA's layout, so that the whole study runs without downloads.
 
 :func:`generate_synthetic_panda` writes ``train.csv`` (image_id, data_provider, isup_grade,
-gleason_score) and ``train_images/<image_id>.tiff``: tiled, JPEG-compressed pyramidal TIFFs at
-0.48 um/px with resolution tags, like PANDA's Radboud images.
+gleason_score), ``train_images/<image_id>.tiff`` (tiled, JPEG-compressed pyramidal TIFFs at
+0.48 um/px with resolution tags, like PANDA's Radboud images) and
+``train_label_masks/<image_id>_mask.tiff`` (the same pyramid, lossless, Radboud values in the red
+channel: 0 background, 1 stroma, 2 benign epithelium, 3/4/5 Gleason pattern).
 
 What an image shows (all drawn with vectorised numpy, deterministic from the seed):
 
@@ -10,18 +12,32 @@ What an image shows (all drawn with vectorised numpy, deterministic from the see
   orientations on a slightly grey-white background, so trimming has something to do;
 - pink eosin stroma with a fibrous texture and sparse nuclei, holding benign glands: white lumina
   ringed by pale epithelium and a rim of purple nuclei;
-- in cancer cases (label 1) one or two small irregular regions of densely packed, dark
-  blue-purple tumour, 35-60 px across at 0.96 um/px (up to 1.6x longer along the strip), so one
-  fits a 48-64 px patch; its look follows the Gleason pattern: 3 = small separate glands with
-  tiny lumina, 4 = fused cribriform blobs with punched-out lumina, 5 = solid sheets of dark
-  nuclei. A smaller region of the secondary pattern is added when it differs from the primary.
+- dark blue-purple regions, 35-60 px across at 0.96 um/px (up to 1.6x longer along the strip),
+  so one fits a 48-64 px patch. Their look follows a Gleason pattern: 3 = small separate glands
+  with tiny lumina, 4 = fused cribriform blobs with punched-out lumina, 5 = solid sheets of large
+  dark nuclei.
 
-The tumour signal is strong and local, not a global colour shift of the image: in 1536 px
-slides (the demo set) the tumour covers a median 6% (2-17%) of the tissue; in 768 px slides
-(smoke), with less tissue per image, a median 22%. Tumour size is a physical size, like the
-texture, so it does not shrink with the slide. Small networks trained from scratch can learn it.
-The class balance follows PANDA Radboud roughly: a third negatives; positives with primary
-pattern 3, 4, 5 in proportions 0.4, 0.4, 0.2, every pattern present.
+Two tasks (``data.synthetic_task``), both without a colour or thumbnail shortcut
+(``tests/test_shortcuts.py``: logistic regressions on colour statistics, colour histograms and a
+16 x 8 thumbnail stay at chance):
+
+- ``local`` (default): the dark regions of a cancer (label 1) are tumour: one or two of the
+  primary pattern, a smaller one of the secondary when it differs; zero to two further regions
+  are benign **mimics**. A negative gets a "phantom" grade and the same number of regions, all
+  mimics. A mimic is the tumour texture of its pattern with its 3 x 3 px blocks (about a nucleus)
+  shuffled (:func:`_shuffle_blocks`): exactly the tumour's colours, and the same image at 1/3 of
+  the resolution or coarser, but no glands, rings or lumina: dense scattered dark nuclear
+  fragments, like inflammation (Table III's main false positives). Tumour and mimic differ only
+  in high-resolution morphology; their number and size vary per slide, the same in both classes.
+- ``context``: one broad tissue fragment. A cancer has one round focus of the pattern's texture,
+  ``CONTEXT_DIAMETER`` x the image height across (238 px in the demo's 384 px high images); a
+  benign biopsy has three foci of a third of its area (137 px across) around the same place. A
+  64 px patch inside a focus looks the same in both; only a view wider than a benign focus (but
+  inside a ResNet's receptive field) tells them apart.
+
+Tumour sizes are physical sizes, like the texture, so they do not shrink with the slide. The
+class balance follows PANDA Radboud roughly: a third negatives; positives with primary pattern 3,
+4, 5 in proportions 0.4, 0.4, 0.2, every pattern present.
 """
 
 from __future__ import annotations
@@ -37,6 +53,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyvips
+from scipy import ndimage
 from tqdm.auto import tqdm
 
 from repro.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
@@ -64,7 +81,18 @@ ISUP = {
 """ISUP grade group of a Gleason score (primary, secondary)."""
 
 _SECONDARY = {3: (3, 3, 4, 5), 4: (3, 4, 4, 5), 5: (4, 5, 5)}
+_PATTERN_P = np.array(list(PATTERN_WEIGHTS.values())) / sum(PATTERN_WEIGHTS.values())
+TASKS = ("local", "context")
+"""``data.synthetic_task``: what separates the classes (module docstring)."""
+MIMIC_BLOCK = 3
+"""Side (px at 0.96 um/px, about one nucleus) of the blocks a mimic's pixels are shuffled in."""
+CONTEXT_DIAMETER = 0.62
+"""Context task: diameter of a cancer's focus, as a share of the image height (demo: 238 px at
+0.96 um/px); a benign biopsy has three foci of the same total area (137 px each)."""
+CONTEXT_GAP = 0.06
+"""Context task: least distance between benign foci, as a share of the image height (23 px)."""
 _INFO_FILE = "synthetic.json"
+_VERSION = 2  # 2: mimics, the context task and label masks
 logger = logging.getLogger(__name__)
 
 # Colours (RGB in [0, 1]) of an H&E stain, roughly.
@@ -93,28 +121,43 @@ class SyntheticCase:
 
 
 def generate_synthetic_panda(
-    out_dir: str | os.PathLike[str], n_images: int, size: int, seed: int
+    out_dir: str | os.PathLike[str], n_images: int, size: int, seed: int, task: str = "local"
 ) -> Path:
     """Write a synthetic PANDA-format set (idempotent); returns ``out_dir``.
 
     Args:
-        out_dir: gets ``train.csv``, ``train_images/<image_id>.tiff`` and ``synthetic.json``.
+        out_dir: gets ``train.csv``, ``train_images/<image_id>.tiff``,
+            ``train_label_masks/<image_id>_mask.tiff`` and ``synthetic.json``.
         n_images: number of biopsies (>= 4 so that every class is present).
         size: level-0 width in pixels; images are ``size x size // 2`` at 0.48 um/px.
         seed: everything (labels, images) follows from it.
+        task: ``"local"`` or ``"context"`` (module docstring).
 
     A second call with the same arguments only regenerates missing images; with different
     arguments on an existing set it raises ``ValueError`` (delete the folder to regenerate).
     Images are written to a temporary name and renamed when complete; ``train.csv`` last.
-    Biopsies are drawn at 0.96 um/px and enlarged 2x (bilinear) to level 0, so level 0 holds no
-    detail finer than the 0.96 um/px the models see.
+    Biopsies are drawn at 0.96 um/px and enlarged 2x by pixel replication to level 0, so level 0
+    holds no detail finer than the 0.96 um/px the models see, and reading it back at 0.96 um/px
+    (a 2x2 box average) gives the drawn pixels up to JPEG: no blur that would treat tumour and
+    mimic differently. Label masks are enlarged the same way and written losslessly
+    (:func:`repro.data.masks.write_label_mask`).
     """
+    from repro.data.masks import label_mask_path, write_label_mask
+
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if n_images < 4:
         raise ValueError(f"n_images must be >= 4 (negatives and patterns 3, 4, 5), got {n_images}")
     if size < 64:
         raise ValueError(f"size must be >= 64 px, got {size}")
     root = Path(out_dir)
-    info = {"n_images": int(n_images), "size": int(size), "seed": int(seed), "version": 1}
+    info = {
+        "n_images": int(n_images),
+        "size": int(size),
+        "seed": int(seed),
+        "task": task,
+        "version": _VERSION,
+    }
     info_path = root / _INFO_FILE
     if info_path.exists():
         existing = json.loads(info_path.read_text())
@@ -127,17 +170,29 @@ def generate_synthetic_panda(
     images_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(info_path, json.dumps(info, indent=2))
     cases = synthetic_cases(n_images, seed)
-    missing = [case for case in cases if not (images_dir / f"{case.image_id}.tiff").exists()]
+    missing = [
+        case
+        for case in cases
+        if not (images_dir / f"{case.image_id}.tiff").exists()
+        or not label_mask_path(root, case.image_id).exists()
+    ]
     remove_stale_temporaries(images_dir)
+    remove_stale_temporaries(label_mask_path(root, "x").parent)
     for case in tqdm(missing, desc="synthetic slides", unit="slide", disable=not missing):
         rng = np.random.default_rng([seed, case.index])
-        pixels = render_biopsy(rng, size // 2, size // 4, case.primary, case.secondary)
+        pixels, labels = render_case(
+            rng, size // 2, size // 4, case.primary, case.secondary, task
+        )
         # Drawn at 0.96 um/px, enlarged 2x to the 0.48 um/px level 0 that PANDA has.
+        scale = RENDER_MPP / LEVEL0_MPP
         level0 = pyvips.Image.new_from_array(pixels, interpretation="srgb").resize(
-            RENDER_MPP / LEVEL0_MPP, kernel="linear"
+            scale, kernel="nearest"
         )
         level0 = level0.embed(0, 0, size, size // 2, extend="copy")
         write_slide(level0, images_dir / f"{case.image_id}.tiff", LEVEL0_MPP)
+        mask0 = pyvips.Image.new_from_array(labels).resize(scale, kernel="nearest")
+        mask0 = mask0.embed(0, 0, size, size // 2, extend="copy")
+        write_label_mask(mask0, label_mask_path(root, case.image_id), LEVEL0_MPP)
     table = pd.DataFrame(
         {
             "image_id": [case.image_id for case in cases],
@@ -184,22 +239,43 @@ def render_biopsy(
     primary: int,
     secondary: int = 0,
     return_masks: bool = False,
+    task: str = "local",
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One synthetic H&E biopsy as a uint8 ``(height, width, 3)`` array at 0.96 um/px.
 
-    ``primary`` 0 draws a benign biopsy; 3, 4 or 5 adds tumour of that Gleason pattern (and a
-    smaller region of ``secondary`` when it differs). Sizes below are pixels at 0.96 um/px.
-    With ``return_masks``, also the boolean tissue and tumour masks (ground truth).
+    ``primary`` 0 draws a benign biopsy; 3, 4 or 5 one with tumour of that Gleason pattern (and
+    of ``secondary`` when it differs). With ``return_masks``, also the boolean tissue and tumour
+    masks (ground truth). See :func:`render_case` for ``task``.
     """
+    pixels, labels = render_case(rng, width, height, primary, secondary, task)
+    return (pixels, labels > 0, labels >= 3) if return_masks else pixels
+
+
+def render_case(
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    primary: int,
+    secondary: int = 0,
+    task: str = "local",
+) -> tuple[np.ndarray, np.ndarray]:
+    """A biopsy (uint8 ``(height, width, 3)``) and its label mask (uint8, Radboud values:
+    0 background, 1 stroma, 2 benign epithelium, 3/4/5 Gleason pattern), at 0.96 um/px.
+
+    ``task`` is ``"local"`` or ``"context"`` (module docstring). Sizes below are pixels at
+    0.96 um/px.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     yy, xx = _grid(height, width)
     # Shared smooth noise fields (different places of a field are independent enough).
     coarse = _smooth_noise(rng, height, width, 12)
     fine = _smooth_noise(rng, height, width, 3)
     fibres = _smooth_noise(rng, height, width, 24, 2.5)
-    strips = _draw_strips(rng, width, height)
-    tissue = np.zeros((height, width), bool)
-    for strip in strips:
-        tissue |= _strip_mask(rng, xx, yy, strip, 0.18 * coarse + 0.06 * fine)
+    strips = _draw_strips(rng, width, height, wide=task == "context")
+    strip_masks = [_strip_mask(rng, xx, yy, strip, 0.18 * coarse + 0.06 * fine) for strip in strips]
+    tissue = np.logical_or.reduce(strip_masks)
+    labels = tissue.astype(np.uint8)
 
     # Stroma: pink, fibrous (noise stretched along x), a few nuclei.
     image = np.empty((height, width, 3), np.float32)
@@ -218,24 +294,40 @@ def render_biopsy(
     _paint(image, gland, _EPITHELIUM)
     _paint(image, gland & (ratio > 0.72) & nucleus, _NUCLEUS)
     _paint(image, gland & (ratio < 0.5), _LUMEN)
+    labels[gland] = 2
 
-    # Tumour: one or two regions of the primary pattern, one smaller of the secondary.
-    tumour = np.zeros_like(tissue)
-    if primary:
-        patterns = [primary] * (1 + int(rng.random() < 0.4))
-        if secondary and secondary != primary:
-            patterns.append(secondary)
+    # Dark regions: tumour, or a mimic of it. A negative gets a "phantom" grade, so that the
+    # number, size and look of its dark regions follow the same distribution as a positive's.
+    if not primary:
+        primary, secondary = _phantom_grade(rng)
+        cancer = False
+    else:
+        cancer = True
+    patterns = [primary] * (1 + int(rng.random() < 0.4))
+    if secondary and secondary != primary:
+        patterns.append(secondary)
+    if task == "local":
+        n_tumour = len(patterns) if cancer else 0
+        patterns += [int(rng.choice(patterns)) for _ in range(int(rng.integers(0, 3)))]
         for number, pattern in enumerate(patterns):
             shrink = 0.7 if number and pattern != primary else 1.0
             region = _tumour_region(rng, xx, yy, strips, tissue, shrink, coarse)
-            tumour |= region
             _paint_tumour(rng, image, region, pattern, fine, nucleus, nucleus_draw)
+            if number < n_tumour:
+                labels[region] = pattern
+            else:  # the mimic: same cells, same amounts, no architecture
+                _shuffle_blocks(rng, image, region, MIMIC_BLOCK)
+                labels[region] = 1
+    else:
+        for region in _context_regions(rng, xx, yy, tissue, cancer):
+            _paint_tumour(rng, image, region, primary, fine, nucleus, nucleus_draw)
+            labels[region] = primary if cancer else 2
 
     # Per-image stain variation, inside the tissue only (the background stays unsaturated).
     stain = 1 + rng.normal(0, 0.025, 3).astype(np.float32)
     image[tissue] *= stain
     pixels = np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8)
-    return (pixels, tissue, tumour) if return_masks else pixels
+    return pixels, labels
 
 
 def write_slide(
@@ -270,15 +362,23 @@ class _Strip:
     bend_phase: float
 
 
-def _draw_strips(rng: np.random.Generator, width: int, height: int) -> list[_Strip]:
-    n_strips = int(rng.choice([1, 2, 2, 3]))
+def _draw_strips(
+    rng: np.random.Generator, width: int, height: int, wide: bool = False
+) -> list[_Strip]:
+    """One to three needle biopsies; ``wide``: one broad fragment filling most of the image."""
+    n_strips = 1 if wide else int(rng.choice([1, 2, 2, 3]))
     band = height / n_strips
     strips = []
     for number in range(n_strips):
-        half_width = height * rng.uniform(0.075, 0.11)
-        max_angle = 30.0 if n_strips == 1 else 10.0
-        angle = np.deg2rad(rng.uniform(-max_angle, max_angle))
-        half_length = width * rng.uniform(0.22, 0.42)
+        if wide:
+            half_width = height * rng.uniform(0.40, 0.45)
+            angle = np.deg2rad(rng.uniform(-3.0, 3.0))
+            half_length = width * rng.uniform(0.42, 0.47)
+        else:
+            half_width = height * rng.uniform(0.075, 0.11)
+            max_angle = 30.0 if n_strips == 1 else 10.0
+            angle = np.deg2rad(rng.uniform(-max_angle, max_angle))
+            half_length = width * rng.uniform(0.22, 0.42)
         reach_x = half_length * abs(np.cos(angle)) + half_width
         cx = rng.uniform(reach_x, max(reach_x + 1, width - reach_x))
         cy = band * (number + 0.5) + rng.uniform(-0.15, 0.15) * band
@@ -291,7 +391,7 @@ def _draw_strips(rng: np.random.Generator, width: int, height: int) -> list[_Str
                 angle=float(angle),
                 half_length=float(half_length),
                 half_width=float(half_width),
-                bend=float(half_width * rng.uniform(0.0, 0.8)),
+                bend=float(half_width * rng.uniform(0.0, 0.8 if not wide else 0.1)),
                 bend_period=float(width * rng.uniform(0.5, 1.2)),
                 bend_phase=float(rng.uniform(0, 2 * np.pi)),
             )
@@ -358,6 +458,75 @@ def _tumour_region(
     return region
 
 
+def _phantom_grade(rng: np.random.Generator) -> tuple[int, int]:
+    """A (primary, secondary) drawn like a positive case's, for a negative's mimics."""
+    primary = int(rng.choice(list(PATTERN_WEIGHTS), p=_PATTERN_P))
+    return primary, int(rng.choice(_SECONDARY[primary]))
+
+
+def _shuffle_blocks(
+    rng: np.random.Generator, image: np.ndarray, region: np.ndarray, block: int
+) -> None:
+    """Permute the ``block x block`` pixel blocks that lie wholly inside ``region``: the colours
+    and every view at ``1 / block`` of the resolution stay the same, the architecture goes."""
+    rows, cols = np.nonzero(region)
+    if rows.size == 0:
+        return
+    y0, x0 = int(rows.min()), int(cols.min())
+    ny, nx = (int(rows.max()) + 1 - y0) // block, (int(cols.max()) + 1 - x0) // block
+    if ny == 0 or nx == 0:
+        return
+    box = np.s_[y0 : y0 + ny * block, x0 : x0 + nx * block]
+    pixels = image[box].reshape(ny, block, nx, block, 3).transpose(0, 2, 1, 3, 4).copy()
+    inside = region[box].reshape(ny, block, nx, block).all(axis=(1, 3))
+    chosen = pixels[inside]
+    pixels[inside] = chosen[rng.permutation(len(chosen))]
+    image[box] = pixels.transpose(0, 2, 1, 3, 4).reshape(ny * block, nx * block, 3)
+
+
+def _context_regions(
+    rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, tissue: np.ndarray, cancer: bool
+) -> list[np.ndarray]:
+    """Context task: a cancer has one round focus of diameter ``CONTEXT_DIAMETER`` x the image
+    height; a benign biopsy three of the same total area (diameter / sqrt 3), at least
+    ``CONTEXT_GAP`` x the height apart, around the place where the cancer's focus would be (so
+    that where the dark tissue lies says nothing either)."""
+    height, width = tissue.shape
+    big = CONTEXT_DIAMETER * height / 2
+    room = ndimage.distance_transform_edt(tissue)
+
+    def pick(allowed: np.ndarray) -> tuple[float, float]:
+        rows, cols = np.nonzero(allowed)
+        index = int(rng.integers(len(rows)))
+        return float(rows[index]), float(cols[index])
+
+    fits = room >= big
+    centre = pick(fits if fits.any() else room >= room.max() * 0.9)
+    if cancer:
+        foci = [(centre, big)]
+    else:  # a triangle of three around the cancer focus's place, turned until all fit
+        small = big / np.sqrt(3)
+        spread = (2 * small + CONTEXT_GAP * height) / np.sqrt(3)  # centre to corner
+        for turn in rng.uniform(0, 2 * np.pi, 12):
+            corners = turn + 2 * np.pi * np.arange(3) / 3
+            foci = [
+                ((centre[0] + spread * np.sin(t), centre[1] + spread * np.cos(t)), small)
+                for t in corners
+            ]
+            inside = [
+                0 <= y < height and 0 <= x < width and room[int(y), int(x)] >= small
+                for (y, x), _ in foci
+            ]
+            if all(inside):
+                break
+    regions = []
+    for (cy, cx), radius in foci:
+        edge = _smooth_noise(rng, height, width, 10)
+        distance = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2) / np.float32(radius)
+        regions.append(tissue & (distance + 0.12 * edge < 1))
+    return regions
+
+
 def _paint_tumour(
     rng: np.random.Generator,
     image: np.ndarray,
@@ -380,12 +549,12 @@ def _paint_tumour(
         blob = region & (np.roll(noise, 11, axis=0) > -0.9)
         _paint(image, blob, _TUMOUR_CYTOPLASM)
         _paint(image, blob & nucleus & (nucleus_draw < 0.6), _TUMOUR_NUCLEUS)
-        ratio, draw = _lattice(rng, height, width, 5.5, (1.0, 1.6), 1.0)
+        ratio, draw = _lattice(rng, height, width, 7.5, (1.8, 2.6), 1.0)
         _paint(image, blob & (ratio < 1) & (draw < 0.7), _TUMOUR_LUMEN)
-    else:  # pattern 5: solid sheets of dark nuclei, no lumina
+    else:  # pattern 5: solid sheets of large dark nuclei, no lumina
         _paint(image, region, _TUMOUR_CYTOPLASM * 0.85)
-        ratio, draw = _lattice(rng, height, width, 3.0, (0.9, 1.25), 0.3)
-        _paint(image, region & (ratio < 1) & (draw < 0.85), _TUMOUR_NUCLEUS * 0.9)
+        ratio, draw = _lattice(rng, height, width, 5.0, (1.6, 2.2), 0.4)
+        _paint(image, region & (ratio < 1) & (draw < 0.9), _TUMOUR_NUCLEUS * 0.9)
 
 
 def _paint(image: np.ndarray, where: np.ndarray, colour: np.ndarray) -> None:
