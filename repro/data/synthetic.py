@@ -86,11 +86,12 @@ TASKS = ("local", "context")
 """``data.synthetic_task``: what separates the classes (module docstring)."""
 MIMIC_BLOCK = 3
 """Side (px at 0.96 um/px, about one nucleus) of the blocks a mimic's pixels are shuffled in."""
-CONTEXT_DIAMETER = 0.62
-"""Context task: diameter of a cancer's focus, as a share of the image height (demo: 238 px at
-0.96 um/px); a benign biopsy has three foci of the same total area (137 px each)."""
-CONTEXT_GAP = 0.06
-"""Context task: least distance between benign foci, as a share of the image height (23 px)."""
+CONTEXT_FOCUS = 0.365
+"""Context task: diameter of a focus, as a share of the image height (demo: 140 px at 0.96 um/px);
+a cancer's fused focus is about twice as long (280 px)."""
+CONTEXT_GAP = 0.25
+"""Context task: least distance between benign foci, edge to edge, as a share of the image height
+(demo: 96 px, more than a 64 px MIL patch)."""
 _INFO_FILE = "synthetic.json"
 _VERSION = 2  # 2: mimics, the context task and label masks
 logger = logging.getLogger(__name__)
@@ -373,7 +374,7 @@ def _draw_strips(
         if wide:
             half_width = height * rng.uniform(0.40, 0.45)
             angle = np.deg2rad(rng.uniform(-3.0, 3.0))
-            half_length = width * rng.uniform(0.42, 0.47)
+            half_length = width * rng.uniform(0.44, 0.48)
         else:
             half_width = height * rng.uniform(0.075, 0.11)
             max_angle = 30.0 if n_strips == 1 else 10.0
@@ -487,44 +488,41 @@ def _shuffle_blocks(
 def _context_regions(
     rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, tissue: np.ndarray, cancer: bool
 ) -> list[np.ndarray]:
-    """Context task: a cancer has one round focus of diameter ``CONTEXT_DIAMETER`` x the image
-    height; a benign biopsy three of the same total area (diameter / sqrt 3), at least
-    ``CONTEXT_GAP`` x the height apart, around the place where the cancer's focus would be (so
-    that where the dark tissue lies says nothing either)."""
+    """Context task: two round foci ``CONTEXT_FOCUS`` x the image height across, at random
+    places in the fragment. Benign: at least ``CONTEXT_GAP`` x the height apart (edge to edge).
+    Cancer: the two fused into one focus about twice as long (centres 0.7 diameters apart, radii
+    5% larger, so that the total area stays the same)."""
     height, width = tissue.shape
-    big = CONTEXT_DIAMETER * height / 2
+    radius = CONTEXT_FOCUS * height / 2
+    apart = 2 * radius + CONTEXT_GAP * height
     room = ndimage.distance_transform_edt(tissue)
+    fits = room >= radius
+    if not fits.any():
+        fits = room >= room.max() * 0.9
+    foci: list[tuple[float, float, float]] = []
 
-    def pick(allowed: np.ndarray) -> tuple[float, float]:
+    def place(allowed: np.ndarray) -> tuple[float, float]:
+        for cy, cx, _ in foci:
+            away = (yy - cy) ** 2 + (xx - cx) ** 2 >= apart**2
+            allowed = allowed & away if (allowed & away).any() else allowed
         rows, cols = np.nonzero(allowed)
         index = int(rng.integers(len(rows)))
         return float(rows[index]), float(cols[index])
 
-    fits = room >= big
-    centre = pick(fits if fits.any() else room >= room.max() * 0.9)
-    if cancer:
-        foci = [(centre, big)]
-    else:  # a triangle of three around the cancer focus's place, turned until all fit
-        small = big / np.sqrt(3)
-        spread = (2 * small + CONTEXT_GAP * height) / np.sqrt(3)  # centre to corner
-        for turn in rng.uniform(0, 2 * np.pi, 12):
-            corners = turn + 2 * np.pi * np.arange(3) / 3
-            foci = [
-                ((centre[0] + spread * np.sin(t), centre[1] + spread * np.cos(t)), small)
-                for t in corners
-            ]
-            inside = [
-                0 <= y < height and 0 <= x < width and room[int(y), int(x)] >= small
-                for (y, x), _ in foci
-            ]
-            if all(inside):
-                break
+    for _ in range(2):
+        foci.append((*place(fits), radius))
+    if cancer:  # fused at one of the two places (at random): both stay equally likely
+        cy, cx, _ = foci[int(rng.integers(2))]
+        fused = 1.05 * radius
+        turn = rng.uniform(-0.35, 0.35)  # two discs 1.4 radii apart, along the fragment
+        dy, dx = 0.7 * fused * np.sin(turn), 0.7 * fused * np.cos(turn)
+        foci = [(cy - dy, cx - dx, fused), (cy + dy, cx + dx, fused)]
     regions = []
-    for (cy, cx), radius in foci:
+    for cy, cx, focus in foci:
         edge = _smooth_noise(rng, height, width, 10)
-        distance = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2) / np.float32(radius)
+        distance = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2) / np.float32(focus)
         regions.append(tissue & (distance + 0.12 * edge < 1))
-    return regions
+    return [regions[0] | regions[1]] if cancer else regions
 
 
 def _paint_tumour(
