@@ -133,9 +133,9 @@ def test_label_masks_in_pandas_layout(raw_set):
 
 
 def test_mimics_match_tumour_in_colour_not_in_architecture():
-    """A mimic is the tumour's texture with its 3 x 3 blocks shuffled: the same colours (exactly),
+    """A mimic is the tumour's texture with its blocks shuffled: the same colours (exactly),
     a different arrangement; negatives carry mimics, labelled stroma."""
-    from repro.data.synthetic import _shuffle_blocks, render_case
+    from repro.data.synthetic import MIMIC_BLOCK, _shuffle_blocks, render_case
 
     pixels, labels = render_case(np.random.default_rng(3), 768, 384, 0, 0)
     dark = (labels == 1) & (pixels.astype(int).sum(axis=2) < 450)
@@ -145,7 +145,7 @@ def test_mimics_match_tumour_in_colour_not_in_architecture():
     tumour = labels == 3
     image = pixels.astype(np.float32)
     mimic = image.copy()
-    _shuffle_blocks(np.random.default_rng(0), mimic, tumour, 3)
+    _shuffle_blocks(np.random.default_rng(0), mimic, tumour, MIMIC_BLOCK)
     assert (mimic[~tumour] == image[~tumour]).all()
     before, after = image[tumour].reshape(-1, 3), mimic[tumour].reshape(-1, 3)
     assert (np.sort(before, axis=0) == np.sort(after, axis=0)).all()  # same colours

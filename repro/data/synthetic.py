@@ -24,9 +24,9 @@ Two tasks (``data.synthetic_task``), both without a colour or thumbnail shortcut
 - ``local`` (default): the dark regions of a cancer (label 1) are tumour: one or two of the
   primary pattern, a smaller one of the secondary when it differs; zero to two further regions
   are benign **mimics**. A negative gets a "phantom" grade and the same number of regions, all
-  mimics. A mimic is the tumour texture of its pattern with its 3 x 3 px blocks (about a nucleus)
-  shuffled (:func:`_shuffle_blocks`): exactly the tumour's colours, and the same image at 1/3 of
-  the resolution or coarser, but no glands, rings or lumina: dense scattered dark nuclear
+  mimics. A mimic is the tumour texture of its pattern with its 2 x 2 px blocks (half a nucleus)
+  shuffled (:func:`_shuffle_blocks`): exactly the tumour's colours, the same mean colour in every
+  2 x 2 block, but no glands, rings or lumina: dense scattered dark nuclear
   fragments, like inflammation (Table III's main false positives). Tumour and mimic differ only
   in high-resolution morphology; their number and size vary per slide, the same in both classes.
 - ``context``: one broad tissue fragment. A cancer has one round focus of the pattern's texture,
@@ -84,8 +84,8 @@ _SECONDARY = {3: (3, 3, 4, 5), 4: (3, 4, 4, 5), 5: (4, 5, 5)}
 _PATTERN_P = np.array(list(PATTERN_WEIGHTS.values())) / sum(PATTERN_WEIGHTS.values())
 TASKS = ("local", "context")
 """``data.synthetic_task``: what separates the classes (module docstring)."""
-MIMIC_BLOCK = 3
-"""Side (px at 0.96 um/px, about one nucleus) of the blocks a mimic's pixels are shuffled in."""
+MIMIC_BLOCK = 2
+"""Side (px at 0.96 um/px, half a nucleus) of the blocks a mimic's pixels are shuffled in."""
 CONTEXT_FOCUS = 0.365
 """Context task: diameter of a focus, as a share of the image height (demo: 140 px at 0.96 um/px);
 a cancer's fused focus is about twice as long (280 px)."""
@@ -536,18 +536,18 @@ def _paint_tumour(
 ) -> None:
     height, width = region.shape
     _paint(image, region, _TUMOUR_STROMA)
-    if pattern == 3:  # small, separate, well-formed glands with tiny lumina
-        ratio, draw = _lattice(rng, height, width, 8.5, (2.8, 3.8), 0.7)
+    if pattern == 3:  # small, separate, well-formed glands with open lumina
+        ratio, draw = _lattice(rng, height, width, 12.0, (4.2, 5.2), 0.8)
         ratio += 0.1 * noise
         gland = region & (draw < 0.85) & (ratio < 1)
         _paint(image, gland, _TUMOUR_CYTOPLASM)
-        _paint(image, gland & (ratio > 0.55) & (nucleus_draw < 0.8), _TUMOUR_NUCLEUS)
-        _paint(image, gland & (ratio < 0.35), _TUMOUR_LUMEN)
+        _paint(image, gland & (ratio > 0.6) & (nucleus_draw < 0.8), _TUMOUR_NUCLEUS)
+        _paint(image, gland & (ratio < 0.45), _TUMOUR_LUMEN)
     elif pattern == 4:  # fused, cribriform blobs with punched-out lumina
         blob = region & (np.roll(noise, 11, axis=0) > -0.9)
         _paint(image, blob, _TUMOUR_CYTOPLASM)
         _paint(image, blob & nucleus & (nucleus_draw < 0.6), _TUMOUR_NUCLEUS)
-        ratio, draw = _lattice(rng, height, width, 7.5, (1.8, 2.6), 1.0)
+        ratio, draw = _lattice(rng, height, width, 8.0, (2.2, 3.0), 0.8)
         _paint(image, blob & (ratio < 1) & (draw < 0.7), _TUMOUR_LUMEN)
     else:  # pattern 5: solid sheets of large dark nuclei, no lumina
         _paint(image, region, _TUMOUR_CYTOPLASM * 0.85)
