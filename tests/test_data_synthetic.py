@@ -74,7 +74,8 @@ def test_seed_changes_the_set():
 
 
 def test_tumour_is_small_local_and_dark():
-    """Tumour: a few percent of the tissue at demo size, much darker than benign tissue."""
+    """Tumour: a few percent of the tissue at demo size, darker than benign tissue (which holds
+    mimics as dark as tumour since the mimics of issue 13; before, tumour was the only dark)."""
     fractions = []
     for index, (primary, secondary) in enumerate([(3, 3), (3, 4), (4, 4), (4, 5), (5, 5)]):
         rng = np.random.default_rng([0, index])
@@ -84,7 +85,7 @@ def test_tumour_is_small_local_and_dark():
         fractions.append(tumour.sum() / tissue.sum())
         benign = pixels[tissue & ~tumour].astype(float).mean(0)
         cancer = pixels[tumour].astype(float).mean(0)
-        assert cancer.sum() < benign.sum() - 150  # clearly darker
+        assert cancer.sum() < benign.sum() - 100  # darker
         assert cancer[2] > cancer[1]  # blue-purple
         assert 0.02 < tissue.mean() < 0.7  # background left to trim
     assert max(fractions) < 0.2 and np.median(fractions) < 0.12
