@@ -14,8 +14,9 @@ For each biopsy of ``train.csv`` (only ``data.data_provider``, unless it is ``"a
    fit). Offsets are rounded to whole mask pixels so that the mask stays aligned with the image
    (the centring is exact to ``tissue_downsample / 2`` px);
 5. written once: ``images/<image_id>.tiff`` (tiled 256 px, JPEG Q90, pyramidal, with resolution
-   tags), ``masks/<image_id>.png`` (the tissue mask of the prepared image at 1/downsample) and
-   ``records/<image_id>.json`` (its manifest row). Each file goes to a temporary name first and
+   tags), ``masks/<image_id>.png`` (the tissue mask of the prepared image at 1/downsample),
+   ``labels/<image_id>.png`` (the label mask, when the raw set has one: :mod:`repro.data.masks`)
+   and ``records/<image_id>.json`` (its manifest row). Each file goes to a temporary name first and
    is renamed when complete, the record last, so an interrupted run leaves no half-written file
    that looks finished.
 
@@ -98,7 +99,8 @@ MANIFEST_COLUMNS = [
 the raw slide; ``scaled_*``: the slide at target mpp; ``trim_*``: the tissue bounding box in it;
 ``offset_*``: where that box's top-left corner lies in the prepared image (negative: cropped);
 ``tissue_fraction``: tissue share of the prepared image; ``tissue_kept``: share of the slide's
-tissue that is in the prepared image (< 1 when cropped); ``fits``: no cropping was needed."""
+tissue that is in the prepared image (< 1 when cropped); ``fits``: no cropping was needed;
+``label_path``, ``tumour_fraction``: the prepared label mask and its share of labels >= 3."""
 
 _GLEASON = re.compile(r"^\s*([0-5])\s*\+\s*([0-5])\s*$")
 _SAVE_EVERY = 25
