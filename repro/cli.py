@@ -28,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     synth.add_argument("--seed", type=int, help="random seed (run.seed)")
     synth.add_argument(
         "--task",
-        choices=["local", "context"],
+        choices=["local", "context", "plain"],
         help="what separates the classes (data.synthetic_task)",
     )
     args = parser.parse_args(argv)

@@ -67,7 +67,7 @@ class DataSettings:
     tissue_downsample: int = 32  # tissue mask at 1/32 of target_mpp (authors' code; our choice)
     synthetic_images: int = 0  # synthetic set only: number of biopsies generated
     synthetic_size: int = 2048  # synthetic set only: level-0 width of a generated slide (px)
-    synthetic_task: Literal["local", "context"] = "local"  # synthetic only: repro.data.synthetic
+    synthetic_task: Literal["local", "context", "plain"] = "local"  # see repro.data.synthetic
 
 
 @dataclass

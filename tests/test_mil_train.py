@@ -36,6 +36,7 @@ def _params(root, out, **overrides):
             "input_size": 256,
             "synthetic_images": IMAGES,
             "synthetic_size": 512,
+            "synthetic_task": "plain",  # tumour is the only dark tissue: does training work?
             "tissue_downsample": 8,
             "tissue_min_object_px": 1,
         },

@@ -34,6 +34,8 @@ Two tasks (``data.synthetic_task``), both without a colour or thumbnail shortcut
   benign biopsy has three foci of a third of its area (137 px across) around the same place. A
   64 px patch inside a focus looks the same in both; only a view wider than a benign focus (but
   inside a ResNet's receptive field) tells them apart.
+- ``plain``: the local task without mimics; tumour is then the only dark tissue, readable from
+  colour alone (colour statistics AUC 1.0). Only for tests that check that training works at all.
 
 Tumour sizes are physical sizes, like the texture, so they do not shrink with the slide. The
 class balance follows PANDA Radboud roughly: a third negatives; positives with primary pattern 3,
@@ -82,7 +84,7 @@ ISUP = {
 
 _SECONDARY = {3: (3, 3, 4, 5), 4: (3, 4, 4, 5), 5: (4, 5, 5)}
 _PATTERN_P = np.array(list(PATTERN_WEIGHTS.values())) / sum(PATTERN_WEIGHTS.values())
-TASKS = ("local", "context")
+TASKS = ("local", "context", "plain")
 """``data.synthetic_task``: what separates the classes (module docstring)."""
 MIMIC_BLOCK = 2
 """Side (px at 0.96 um/px, half a nucleus) of the blocks a mimic's pixels are shuffled in."""
@@ -307,9 +309,12 @@ def render_case(
     patterns = [primary] * (1 + int(rng.random() < 0.4))
     if secondary and secondary != primary:
         patterns.append(secondary)
-    if task == "local":
+    if task == "plain":  # tumour in cancers only, no mimics: the colour shortcut is back
+        patterns = patterns if cancer else []
+    if task in ("local", "plain"):
         n_tumour = len(patterns) if cancer else 0
-        patterns += [int(rng.choice(patterns)) for _ in range(int(rng.integers(0, 3)))]
+        if task == "local":
+            patterns += [int(rng.choice(patterns)) for _ in range(int(rng.integers(0, 3)))]
         for number, pattern in enumerate(patterns):
             shrink = 0.7 if number and pattern != primary else 1.0
             region = _tumour_region(rng, xx, yy, strips, tissue, shrink, coarse)
