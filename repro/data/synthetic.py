@@ -26,14 +26,15 @@ Two tasks (``data.synthetic_task``), both without a colour or thumbnail shortcut
   are benign **mimics**. A negative gets a "phantom" grade and the same number of regions, all
   mimics. A mimic is the tumour texture of its pattern with its 2 x 2 px blocks (half a nucleus)
   shuffled (:func:`_shuffle_blocks`): exactly the tumour's colours, the same mean colour in every
-  2 x 2 block, but no glands, rings or lumina: dense scattered dark nuclear
-  fragments, like inflammation (Table III's main false positives). Tumour and mimic differ only
-  in high-resolution morphology; their number and size vary per slide, the same in both classes.
-- ``context``: one broad tissue fragment. A cancer has one round focus of the pattern's texture,
-  ``CONTEXT_DIAMETER`` x the image height across (238 px in the demo's 384 px high images); a
-  benign biopsy has three foci of a third of its area (137 px across) around the same place. A
-  64 px patch inside a focus looks the same in both; only a view wider than a benign focus (but
-  inside a ResNet's receptive field) tells them apart.
+  2 x 2 block, but no glands, rings or lumina: dense scattered dark nuclear fragments, like
+  inflammation (Table III's main false positives). Tumour and mimic differ only in
+  high-resolution morphology; their number and size vary per slide, the same in both classes.
+- ``context``: one broad tissue fragment holding the same amount of one pattern's texture in two
+  round foci ``CONTEXT_FOCUS`` x the image height across (140 px in the demo's 384 px high
+  images). Benign: the foci lie at least ``CONTEXT_GAP`` x the height apart (96 px, more than a
+  64 px patch); cancer: they are fused into one focus about twice as long (280 px), at one of the
+  places a benign focus would be. A 64 px patch looks the same in both classes; only a view wider
+  than one focus (inside a ResNet-18's 435 px receptive field) tells them apart.
 - ``plain``: the local task without mimics; tumour is then the only dark tissue, readable from
   colour alone (colour statistics AUC 1.0). Only for tests that check that training works at all.
 
