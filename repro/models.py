@@ -203,9 +203,9 @@ def build_streaming_resnet(
         head[f"layer{stage}"] = nn.Sequential(OrderedDict(named[blocks:]))
     head.update((f"layer{k}", getattr(net, f"layer{k}")) for k in range(stage + 1, 5))
     head.update(_classifier(net, head_pool, num_classes))
-    model = StreamingResNet(
-        StreamingModule(nn.Sequential(streamed), tile_size), nn.Sequential(head), stream_until
-    )
+    head = nn.Sequential(head)
+    streaming = StreamingModule(nn.Sequential(streamed), tile_size, head=head)  # head: planning
+    model = StreamingResNet(streaming, head, stream_until)
     return model.train()
 
 

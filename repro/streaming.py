@@ -244,6 +244,60 @@ def _needs(node: _Node, axis: int, lo: int, hi: int, n: int) -> Range:
     return _child_needs(node, axis, lo, hi, n, 1)[0][0]
 
 
+@dataclass(frozen=True)
+class _Step:
+    """One layer of a tile's computation: ``module(x[crop])[keep]``, where ``crop`` is a window
+    of the layer's input and ``keep`` one of its output, both relative to those tensors."""
+
+    module: nn.Module
+    crop: tuple[Range, Range]
+    keep: tuple[Range, Range]
+
+
+def _schedule(
+    node: _Node,
+    origin: tuple[int, int],
+    size: tuple[int, int],
+    target: tuple[Range, Range],
+    align: tuple[int, int] = (1, 1),
+) -> list[_Step]:
+    """The layers that compute output rows/cols ``target`` of ``node`` (starts aligned by
+    ``align``) from an input held from ``origin`` on; ``size`` is the node's full input size.
+
+    Every layer's output is cut to what the next layers need, so invalid borders (which saw the
+    crop's zero padding) never reach the kept region. The steps depend on the tile's position
+    only through these relative windows: two tiles with equal steps and equal input crops compute
+    the same thing.
+    """
+    if node.children:
+        plans = [_child_needs(node, a, *target[a], size[a], align[a]) for a in (0, 1)]
+        lengths = [_lengths(node, a, size[a]) for a in (0, 1)]
+        steps = []
+        for i, child in enumerate(node.children):
+            sub = (plans[0][0][i + 1], plans[1][0][i + 1])
+            sub_align = (plans[0][1][i], plans[1][1][i])
+            steps += _schedule(child, origin, (lengths[0][i], lengths[1][i]), sub, sub_align)
+            origin = tuple(_aligned(sub[a][0], sub_align[a]) for a in (0, 1))
+        return steps
+    strides = [node.geometry[a].stride for a in (0, 1)]
+    crops = [node.geometry[a].needs(*target[a], size[a]) for a in (0, 1)]
+    starts = [_aligned(crops[a][0], strides[a] * align[a]) for a in (0, 1)]
+    keep = [_aligned(target[a][0], align[a]) - starts[a] // strides[a] for a in (0, 1)]
+    return [
+        _Step(
+            node.module,
+            tuple((starts[a] - origin[a], crops[a][1] - origin[a]) for a in (0, 1)),
+            tuple((keep[a], target[a][1] - starts[a] // strides[a]) for a in (0, 1)),
+        )
+    ]
+
+
+def _execute(steps: Sequence[_Step], x: torch.Tensor) -> torch.Tensor:
+    for step in steps:
+        x = _crop(step.module(_crop(x, step.crop)), step.keep)
+    return x
+
+
 def _run(
     node: _Node,
     x: torch.Tensor,
@@ -252,27 +306,9 @@ def _run(
     target: tuple[Range, Range],
     align: tuple[int, int] = (1, 1),
 ) -> torch.Tensor:
-    """Output rows/cols ``target`` of ``node`` (starts aligned by ``align``) from its input ``x``.
-
-    ``x`` holds the input from ``origin`` on; ``size`` is the node's full input size. Every
-    layer's output is cut to what the next layers need, so invalid borders (which saw the crop's
-    zero padding) never reach the kept region.
-    """
-    if node.children:
-        plans = [_child_needs(node, a, *target[a], size[a], align[a]) for a in (0, 1)]
-        lengths = [_lengths(node, a, size[a]) for a in (0, 1)]
-        for i, child in enumerate(node.children):
-            sub = (plans[0][0][i + 1], plans[1][0][i + 1])
-            sub_align = (plans[0][1][i], plans[1][1][i])
-            x = _run(child, x, origin, (lengths[0][i], lengths[1][i]), sub, sub_align)
-            origin = tuple(_aligned(sub[a][0], sub_align[a]) for a in (0, 1))
-        return x
-    strides = [node.geometry[a].stride for a in (0, 1)]
-    crops = [node.geometry[a].needs(*target[a], size[a]) for a in (0, 1)]
-    starts = [_aligned(crops[a][0], strides[a] * align[a]) for a in (0, 1)]
-    y = node.module(_crop(x, [(starts[a] - origin[a], crops[a][1] - origin[a]) for a in (0, 1)]))
-    keep = [_aligned(target[a][0], align[a]) - starts[a] // strides[a] for a in (0, 1)]
-    return _crop(y, [(keep[a], target[a][1] - starts[a] // strides[a]) for a in (0, 1)])
+    """Output rows/cols ``target`` of ``node`` from its input ``x`` held from ``origin`` on
+    (see :func:`_schedule`)."""
+    return _execute(_schedule(node, origin, size, target, align), x)
 
 
 def _crop(x: torch.Tensor, window: Sequence[Range]) -> torch.Tensor:
@@ -336,11 +372,7 @@ def _axis_tiles(node: _Node, axis: int, n: int, tile: int) -> list[tuple[Range, 
         )
     k = math.ceil(m / count)
     bounds = [m * i // k for i in range(k + 1)]
-    crops = [_needs(node, axis, a, b, n) for a, b in itertools.pairwise(bounds)]
-    return [
-        ((_aligned(lo, stride), hi), out)
-        for (lo, hi), out in zip(crops, itertools.pairwise(bounds), strict=True)
-    ]
+    return [(_crop_for(node, axis, a, b, n), (a, b)) for a, b in itertools.pairwise(bounds)]
 
 
 def _plan(node: _Node, size: tuple[int, int], tile_size: tuple[int, int]) -> TilePlan:
@@ -350,6 +382,18 @@ def _plan(node: _Node, size: tuple[int, int], tile_size: tuple[int, int]) -> Til
     out = tuple(node.geometry[a].out_len(size[a]) for a in (0, 1))
     stride = tuple(node.geometry[a].stride for a in (0, 1))
     return TilePlan(size, out, stride, (_margin(node, 0), _margin(node, 1)), tiles)
+
+
+def _crop_for(node: _Node, axis: int, lo: int, hi: int, n: int) -> Range:
+    """The input crop (start aligned to the stride) that computes outputs ``[lo, hi)``."""
+    start, end = _needs(node, axis, lo, hi, n)
+    return _aligned(start, node.geometry[axis].stride), end
+
+
+def _tile(node: _Node, size: tuple[int, int], out_rows: Range, out_cols: Range) -> Tile:
+    """The tile that computes outputs ``out_rows`` x ``out_cols`` of an input of ``size``."""
+    rows = _crop_for(node, 0, *out_rows, size[0])
+    return Tile(rows, _crop_for(node, 1, *out_cols, size[1]), out_rows, out_cols)
 
 
 def _float_dtype(module: nn.Module) -> torch.dtype:
@@ -364,41 +408,103 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-class _Tiler:
-    """Crops, converts and runs the tiles of one forward call."""
+def _window(t: torch.Tensor, rows: Range, cols: Range) -> torch.Tensor:
+    return t[..., rows[0] : rows[1], cols[0] : cols[1]]
 
-    def __init__(self, root: _Node, plan: TilePlan, dtype: torch.dtype, blank_margin: int):
-        self.root, self.plan, self.dtype, self.blank_margin = root, plan, dtype, blank_margin
+
+@dataclass
+class TileStats:
+    """What one streamed call did (``StreamingModule.last_stats``; the backward pass fills in
+    its part when it runs).
+
+    Attributes:
+        tiles: tiles in the plan.
+        computed: tiles computed in the forward pass.
+        reused: tiles whose output was copied from an identical tile (same crop, same geometry).
+        backpropagated: backpropagations in the backward pass (one per group of identical tiles
+            with a non-zero output gradient; one per such tile when the input gradient is needed).
+        recomputed: of these, the ones that recomputed their tile (the rest used the kept tile).
+        skipped: tiles skipped in the backward pass because their output gradient is all zeros.
+        recomputed_pixels: input pixels of the recomputed crops (smaller than the tiles' when the
+            non-zero gradient covers only part of a tile).
+    """
+
+    tiles: int
+    computed: int = 0
+    reused: int = 0
+    backpropagated: int = 0
+    recomputed: int = 0
+    skipped: int = 0
+    recomputed_pixels: int = 0
+
+
+class _Tiler:
+    """Crops, converts and runs the tiles of one forward call.
+
+    ``content_aware``: a tile whose input crop and steps equal those of a tile computed before
+    copies that tile's output instead of computing it, and the backward pass skips zero gradients
+    (see :meth:`backward_work`).
+    """
+
+    def __init__(self, root: _Node, plan: TilePlan, dtype: torch.dtype, content_aware: bool):
+        self.root, self.plan, self.dtype, self.content_aware = root, plan, dtype, content_aware
+        self.steps = [self.schedule(tile) for tile in plan.tiles]
+        self.source = list(range(len(plan.tiles)))  # the tile whose output each tile has
+        self.stats = TileStats(len(plan.tiles))
+
+    def schedule(self, tile: Tile) -> list[_Step]:
+        origin = (tile.rows[0], tile.cols[0])
+        return _schedule(self.root, origin, self.plan.input_size, (tile.out_rows, tile.out_cols))
 
     def tile_input(self, x: torch.Tensor, tile: Tile, requires_grad: bool = False) -> torch.Tensor:
         """The tile's input crop; integer images become floats in [0, 1] of the module's dtype."""
-        crop = x[..., tile.rows[0] : tile.rows[1], tile.cols[0] : tile.cols[1]]
+        crop = _window(x, tile.rows, tile.cols)
         if not crop.is_floating_point():
             crop = crop.to(self.dtype).div_(torch.iinfo(x.dtype).max)
-        if self.blank_margin:  # test hook: pretend the crop's inner bottom/right edge is short
-            crop = crop.clone()
-            if tile.rows[1] < self.plan.input_size[0]:
-                crop[..., -self.blank_margin :, :] = 0
-            if tile.cols[1] < self.plan.input_size[1]:
-                crop[..., -self.blank_margin :] = 0
         return crop.detach().requires_grad_(requires_grad)
 
-    def run(self, crop: torch.Tensor, tile: Tile) -> torch.Tensor:
-        origin = (tile.rows[0], tile.cols[0])
-        return _run(self.root, crop, origin, self.plan.input_size, (tile.out_rows, tile.out_cols))
+    def run(self, crop: torch.Tensor, tile: Tile, steps: Sequence[_Step] | None = None):
+        return _execute(self.schedule(tile) if steps is None else steps, crop)
+
+    def _key(self, i: int) -> tuple:
+        tile = self.plan.tiles[i]
+        shape = (tile.rows[1] - tile.rows[0], tile.cols[1] - tile.cols[0])
+        return shape, tuple((step.crop, step.keep) for step in self.steps[i])
+
+    def _identical(self, x: torch.Tensor, i: int, j: int) -> bool:
+        """Whether tiles ``i`` and ``j`` (same key) have equal input crops: a sparse sample first
+        (rejects differing crops at almost no cost), then every pixel."""
+        a = _window(x, self.plan.tiles[i].rows, self.plan.tiles[i].cols)
+        b = _window(x, self.plan.tiles[j].rows, self.plan.tiles[j].cols)
+        step = max(1, min(a.shape[-2:]) // 64)
+        return torch.equal(a[..., ::step, ::step], b[..., ::step, ::step]) and torch.equal(a, b)
 
     def forward(self, x: torch.Tensor, keep_grad: bool | None = None):
         """All tiles, stitched into the full output map; ``(map, kept)``.
 
         Tiles run without autograd, except the last one when ``keep_grad`` is not None: it runs
         with autograd (input gradient if ``keep_grad``) and ``kept`` is its (input, output), so
-        that the backward pass need not recompute it.
+        that the backward pass need not recompute it (unless it copied an identical tile).
         """
-        out, kept, last = None, None, len(self.plan.tiles) - 1
-        for i, tile in enumerate(self.plan.tiles):
+        tiles, stats = self.plan.tiles, self.stats
+        out, kept, last = None, None, len(tiles) - 1
+        computed: dict[tuple, list[int]] = {}
+        for i, tile in enumerate(tiles):
+            if self.content_aware:
+                same = computed.setdefault(self._key(i), [])
+                src = next((j for j in same if self._identical(x, i, j)), None)
+                if src is not None:
+                    _window(out, tile.out_rows, tile.out_cols).copy_(
+                        _window(out, tiles[src].out_rows, tiles[src].out_cols)
+                    )
+                    self.source[i] = src
+                    stats.reused += 1
+                    continue
+                same.append(i)
             with torch.set_grad_enabled(i == last and keep_grad is not None):
                 crop = self.tile_input(x, tile, requires_grad=i == last and bool(keep_grad))
-                y = self.run(crop, tile)
+                y = self.run(crop, tile, self.steps[i])
+            stats.computed += 1
             if y.requires_grad:
                 kept, y = (crop, y), y.detach()
             if out is None:
@@ -406,8 +512,62 @@ class _Tiler:
                 out = torch.empty(
                     shape, dtype=y.dtype, device=y.device, memory_format=_memory_format(x)
                 )
-            out[..., slice(*tile.out_rows), slice(*tile.out_cols)] = y
+            _window(out, tile.out_rows, tile.out_cols).copy_(y)
+        logger.debug(
+            "streamed %s: %d tiles, %d computed, %d reused",
+            tuple(x.shape),
+            stats.tiles,
+            stats.computed,
+            stats.reused,
+        )
         return out, kept
+
+    def backward_work(self, grad_out: torch.Tensor, input_grad: bool, kept_last: bool):
+        """The backpropagations the backward pass needs: ``(tile, cotangent, member)`` in reverse
+        tile order, where ``tile`` is the (possibly smaller) tile to recompute, or None for the
+        kept last tile, and ``member`` the tile whose input gradient it gives.
+
+        Plain: every tile with its gradient slice. Content-aware: tiles whose gradient slice is
+        all zeros are skipped; identical tiles are backpropagated once with the sum of their
+        slices (parameter gradients are linear in it), except when the input gradient is needed
+        (each tile's crop has its own); the tile is cut to the outputs whose gradient is not zero
+        (the bounding box), since the others contribute nothing.
+        """
+        tiles, last = self.plan.tiles, len(self.plan.tiles) - 1
+        slices = [_window(grad_out, t.out_rows, t.out_cols) for t in tiles]
+        if not self.content_aware:
+            for i in reversed(range(len(tiles))):
+                yield (None if i == last and kept_last else tiles[i]), slices[i], i
+            return
+        members: dict[int, list[int]] = {}
+        for i, src in enumerate(self.source):
+            members.setdefault(src, []).append(i)
+        for src in sorted(members, reverse=True):
+            live = [i for i in members[src] if bool(slices[i].ne(0).any())]
+            self.stats.skipped += len(members[src]) - len(live)
+            if not live:
+                continue
+            if src == last and kept_last:  # nothing copies the last tile
+                yield None, slices[src], src
+            elif input_grad:
+                for i in reversed(live):
+                    yield self._trimmed(i, slices[i])
+            else:
+                yield self._trimmed(src, sum(slices[i] for i in live[1:]) + slices[live[0]])
+
+    def _trimmed(self, i: int, g: torch.Tensor):
+        """(tile, cotangent, i): tile ``i`` cut to the bounding box of ``g``'s non-zeros."""
+        tile = self.plan.tiles[i]
+        nonzero = g.ne(0).flatten(0, -3).any(0)
+        rows = nonzero.any(1).nonzero().flatten()
+        cols = nonzero.any(0).nonzero().flatten()
+        r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        if (r0, c0, r1, c1) == (0, 0, *g.shape[-2:]):
+            return tile, g, i
+        out_rows = (tile.out_rows[0] + r0, tile.out_rows[0] + r1)
+        out_cols = (tile.out_cols[0] + c0, tile.out_cols[0] + c1)
+        sub = _tile(self.root, self.plan.input_size, out_rows, out_cols)
+        return sub, g[..., r0:r1, c0:c1], i
 
 
 def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
@@ -435,21 +595,33 @@ class _StreamFunction(torch.autograd.Function):
         grad_x = torch.zeros_like(x) if input_grad else None
         grads: list[torch.Tensor | None] = [None] * len(params)
         enabled, dtype = ctx.autocast
-        for tile in reversed(tiler.plan.tiles):
-            if kept is not None:
+        stats = tiler.stats
+        for tile, g, member in tiler.backward_work(grad_out, input_grad, kept is not None):
+            if tile is None:
                 (crop, y), kept = kept, None
             else:
                 with torch.enable_grad(), torch.autocast(x.device.type, dtype, enabled):
                     crop = tiler.tile_input(x, tile, requires_grad=input_grad)
                     y = tiler.run(crop, tile)
-            g = grad_out[..., slice(*tile.out_rows), slice(*tile.out_cols)]
+                stats.recomputed += 1
+                stats.recomputed_pixels += crop.shape[-2] * crop.shape[-1]
             inputs = [*params, crop] if input_grad else params
             tile_grads = torch.autograd.grad(y, inputs, g, allow_unused=True)
+            stats.backpropagated += 1
             for i, tg in enumerate(tile_grads[: len(params)]):
                 if tg is not None:
                     grads[i] = tg if grads[i] is None else grads[i].add_(tg)
             if input_grad:
-                grad_x[..., slice(*tile.rows), slice(*tile.cols)] += tile_grads[-1]
+                where = tiler.plan.tiles[member] if tile is None else tile
+                _window(grad_x, where.rows, where.cols).add_(tile_grads[-1])
+        logger.debug(
+            "streamed backward: %d backpropagations (%d recomputed, %.2f of the image's pixels), "
+            "%d zero-gradient tiles skipped",
+            stats.backpropagated,
+            stats.recomputed,
+            stats.recomputed_pixels / math.prod(tiler.plan.input_size),
+            stats.skipped,
+        )
         return None, None, grad_x, *grads
 
 
@@ -475,16 +647,34 @@ class StreamingModule(nn.Module):
         keep_last_tile: when gradients are needed, run the last tile of the forward pass with
             autograd and keep its activations for the backward pass, which then recomputes one
             tile fewer. Costs one tile's activations while the layers after this module run.
+        content_aware: skip work that cannot change the result (docs/streaming.md): a tile whose
+            input crop and geometry equal those of a tile computed before copies its output, the
+            backward pass skips tiles whose output gradient is all zeros, backpropagates identical
+            tiles once, and recomputes only the part of a tile with a non-zero gradient. Exact
+            like the plain path (``False``), which computes and backpropagates every tile.
+        head: the layers that follow this module (not run or registered by it): counted by
+            :func:`estimate_peak_bytes` and :func:`plan_tile_size` when given this module.
+
+    Attributes:
+        last_stats: :class:`TileStats` of the latest call (its backward pass included, once run).
     """
 
     def __init__(
-        self, module: nn.Module, tile_size: int | tuple[int, int], *, keep_last_tile: bool = True
+        self,
+        module: nn.Module,
+        tile_size: int | tuple[int, int],
+        *,
+        keep_last_tile: bool = True,
+        content_aware: bool = True,
+        head: nn.Module | None = None,
     ):
         super().__init__()
         self.module = module
         self.tile_size = tile_size
         self.keep_last_tile = keep_last_tile
-        self._blank_margin = 0  # test hook: zero this many inner-edge pixels of each crop
+        self.content_aware = content_aware
+        self._head = (head,)  # a tuple, so that nn.Module does not register the head
+        self.last_stats: TileStats | None = None
 
     @property
     def tile_size(self) -> tuple[int, int]:
@@ -496,6 +686,11 @@ class StreamingModule(nn.Module):
         if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
             raise ValueError(f"tile_size must be a positive int or a pair of them, got {value!r}")
         self._tile_size = size
+
+    @property
+    def head(self) -> nn.Module | None:
+        """The layers after this module, for memory planning only (not a submodule)."""
+        return self._head[0]
 
     def plan(self, input_shape: Sequence[int]) -> TilePlan:
         """The tiles used for an input of shape (..., H, W)."""
@@ -512,7 +707,8 @@ class StreamingModule(nn.Module):
             len(plan.tiles),
             plan.coverage,
         )
-        tiler = _Tiler(root, plan, _float_dtype(self.module), self._blank_margin)
+        tiler = _Tiler(root, plan, _float_dtype(self.module), self.content_aware)
+        self.last_stats = tiler.stats
         params = [p for p in self.module.parameters() if p.requires_grad]
         if torch.is_grad_enabled() and (x.requires_grad or params):
             return _StreamFunction.apply(tiler, self.keep_last_tile, x, *params)
@@ -520,7 +716,10 @@ class StreamingModule(nn.Module):
             return tiler.forward(x)[0]
 
     def extra_repr(self) -> str:
-        return f"tile_size={self.tile_size}, keep_last_tile={self.keep_last_tile}"
+        return (
+            f"tile_size={self.tile_size}, keep_last_tile={self.keep_last_tile}, "
+            f"content_aware={self.content_aware}"
+        )
 
 
 def _probe(

@@ -16,6 +16,8 @@ from torch import nn
 from repro.streaming import (
     AxisGeometry,
     StreamingModule,
+    _analyze,
+    _Tiler,
     estimate_peak_bytes,
     plan_tile_size,
 )
@@ -121,22 +123,37 @@ def test_streaming_float32_shallow_net():
     assert max(errors.values()) <= 1e-4, errors
 
 
+class ShortMarginTiler(_Tiler):
+    """The engine's tiler with a margin one pixel short: the last pixel of each crop's inner
+    bottom/right edge is zeroed, as if the crop ended one pixel earlier."""
+
+    def tile_input(self, x, tile, requires_grad=False):
+        crop = super().tile_input(x, tile).clone()
+        if tile.rows[1] < self.plan.input_size[0]:
+            crop[..., -1:, :] = 0
+        if tile.cols[1] < self.plan.input_size[1]:
+            crop[..., -1:] = 0
+        return crop.requires_grad_(requires_grad)
+
+
+@pytest.mark.parametrize("content_aware", [True, False])
 @pytest.mark.parametrize(
     "factory",
     [plain_net, lambda: resnet_part("resnet18", "layer2")],
     ids=["plain", "resnet18-layer2"],
 )
-def test_margin_one_pixel_short_is_detected(factory):
+def test_margin_one_pixel_short_is_detected(factory, content_aware):
     """Zeroing the last pixel of each tile's inner margin must break exactness: the margin is
     as small as it can be, and the comparison sees errors at that level."""
     module = factory().double()
     x = torch.rand(1, 3, 253, 301, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    streaming = StreamingModule(module, 192)
+    streaming = StreamingModule(module, 192, content_aware=content_aware)
+    plan = streaming.plan(x.shape)
+    short = ShortMarginTiler(_analyze(module), plan, torch.float64, content_aware)
     with torch.no_grad():
         ref = module(x)
         assert rel_err(streaming(x), ref) <= TOL64
-        streaming._blank_margin = 1
-        assert rel_err(streaming(x), ref) > 1e-8
+        assert rel_err(short.forward(x)[0], ref) > 1e-8
 
 
 def test_image_smaller_than_one_tile():
