@@ -9,6 +9,7 @@ that configuration's own: on CUDA ``torch.cuda.max_memory_allocated`` since
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -63,8 +64,43 @@ def peak_bytes(device: Any) -> int:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory (Linux reports ``ru_maxrss`` in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident memory: ``VmHWM`` (which :func:`reset_peak_rss` resets),
+    else ``ru_maxrss`` (Linux reports it in KiB)."""
+    return _status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (``VmRSS``; 0 where /proc is missing)."""
+    return _status_bytes("VmRSS")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the peak resident memory to the current one (Linux: ``/proc/self/clear_refs``), so
+    that :func:`peak_rss_bytes` measures from here; False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _status_bytes(key: str) -> int:
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def load_average() -> list[float] | None:
+    """The machine's 1, 5 and 15 minute load averages (None where unknown): how quiet it was."""
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
 
 
 def device_name(device: Any) -> str:
@@ -76,8 +112,12 @@ def device_name(device: Any) -> str:
     return platform.processor() or platform.machine()
 
 
-def write_results(out: Path, results: dict) -> None:
-    """``results`` as indented JSON at ``out`` (folders created); says where."""
+def write_results(out: Path, results: dict, quiet: bool = False) -> None:
+    """``results`` as indented JSON at ``out`` (folders created, written atomically); says where
+    unless ``quiet``."""
+    from repro.atomic import write_text_atomic
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    print(f"wrote {out}")
+    write_text_atomic(out, json.dumps(results, indent=2, default=str) + "\n")
+    if not quiet:
+        print(f"wrote {out}")

@@ -722,10 +722,27 @@ class StreamingModule(nn.Module):
         )
 
 
+def _saved_bytes(run, exclude: Sequence[torch.Tensor]) -> tuple[int, int, torch.Tensor]:
+    """(total, largest) bytes of the tensors autograd saves while ``run()`` runs, except those
+    sharing storage with ``exclude`` (parameters, the input), and ``run()``'s result."""
+    skip = {t.untyped_storage()._cdata for t in exclude}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage()._cdata
+        if key not in skip:
+            saved[key] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = run()
+    return sum(saved.values()), max(saved.values(), default=0), y
+
+
 def _probe(
     module: nn.Module, node: _Node, shape: Sequence[int], count: int
-) -> tuple[int, int, int]:
-    """(tile side, saved-activation bytes, output bytes) of a square interior tile.
+) -> tuple[int, int, int, torch.Tensor]:
+    """(tile side, saved bytes, largest saved tensor, output) of a square interior tile.
 
     The tile has ``count`` x ``count`` outputs; it runs on the meta device, so nothing is computed
     or allocated.
@@ -733,90 +750,145 @@ def _probe(
     n = 1 << 20
     mids = [node.geometry[a].out_len(n) // 2 for a in (0, 1)]
     target = tuple((m, m + count) for m in mids)
-    crop = [_needs(node, a, *target[a], n) for a in (0, 1)]
-    crop = [(_aligned(lo, node.geometry[a].stride), hi) for a, (lo, hi) in enumerate(crop)]
+    crop = [_crop_for(node, a, *target[a], n) for a in (0, 1)]
     sides = [hi - lo for lo, hi in crop]
     x = torch.zeros(*shape[:-2], *sides, device="meta", dtype=_float_dtype(module))
-    params = {p.untyped_storage()._cdata for p in module.parameters()}
-    saved: dict[int, int] = {}
+    x.requires_grad_()
+    origin = (crop[0][0], crop[1][0])
+    total, largest, y = _saved_bytes(
+        lambda: _run(node, x, origin, (n, n), target), list(module.parameters())
+    )
+    return max(sides), total, largest, y
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        key = t.untyped_storage()._cdata
-        if key not in params:
-            saved[key] = t.untyped_storage().nbytes()
-        return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = _run(node, x.requires_grad_(), (crop[0][0], crop[1][0]), (n, n), target)
-    activations = sum(saved.values()) + 2 * max(saved.values(), default=0)
-    return max(sides), activations, y.numel() * y.element_size()
+def _quadratic(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float, float]:
+    """(a, b, c) of ``a s^2 + b s + c`` through three points."""
+    (x0, x1, x2), (y0, y1, y2) = xs, ys
+    d01, d12 = (y1 - y0) / (x1 - x0), (y2 - y1) / (x2 - x1)
+    a = (d12 - d01) / (x2 - x0)
+    b = d01 - a * (x0 + x1)
+    return a, b, y0 - a * x0 * x0 - b * x0
 
 
 class _MemoryModel:
-    """Predicts the peak memory of streaming ``module`` over inputs of ``input_shape``."""
+    """Predicts the peak memory of a train step: ``module`` streamed over inputs of
+    ``input_shape``, then ``head``; see :func:`estimate_peak_bytes`."""
 
-    def __init__(self, module: nn.Module, input_shape: Sequence[int], input_dtype, input_grad):
+    def __init__(
+        self,
+        module: nn.Module,
+        input_shape: Sequence[int],
+        input_dtype: torch.dtype,
+        input_grad: bool,
+        head: nn.Module | None,
+        keep_last_tile: bool | None,
+    ):
         if isinstance(module, StreamingModule):
+            head = module.head if head is None else head
+            keep_last_tile = module.keep_last_tile if keep_last_tile is None else keep_last_tile
             module = module.module
         if len(input_shape) != 4:
             raise ValueError(f"expected input_shape (N, C, H, W), got {tuple(input_shape)}")
         self.node = _analyze(module)
         self.input_shape = tuple(input_shape)
+        self.keep_last_tile = True if keep_last_tile is None else keep_last_tile
         meta = copy.deepcopy(module).to("meta")
         probes = [_probe(meta, _analyze(meta), input_shape, c) for c in (1, 9, 17)]
-        self.sides = [side for side, _, _ in probes]
-        self.activations = [float(b) for _, b, _ in probes]
-        self.out_bytes_per_pixel = probes[0][2]
+        sides = [p[0] for p in probes]
+        # Saved bytes per layer are (a h + b)(a w + b) for an h x w crop: symmetric bilinear,
+        # so the quadratic through square tiles gives any rectangle.
+        self.saved = _quadratic(sides, [p[1] for p in probes])
+        self.largest = _quadratic(sides, [p[2] for p in probes])
+        out = probes[0][3]  # count 1: one output pixel
+        self.out_channels, self.out_dtype = out.shape[1], out.dtype
+        self.out_bytes_per_pixel = out.numel() * out.element_size()
         numel = math.prod(input_shape)
-        self.fixed = 3 * sum(p.numel() * p.element_size() for p in module.parameters())
-        self.fixed += numel * input_dtype.itemsize
+        weights = sum(p.numel() * p.element_size() for p in module.parameters())
+        self.fixed = numel * input_dtype.itemsize
         if input_grad:
             self.fixed += numel * _float_dtype(module).itemsize
+        self.head_saved = self.head_largest = 0
+        if head is not None:
+            weights += sum(p.numel() * p.element_size() for p in head.parameters())
+            self.head = copy.deepcopy(head).to("meta")
+        else:
+            self.head = None
+        self.fixed += 3 * weights  # weights, gradients, a tile's gradients being added
+        self._head_cache: dict[tuple[int, ...], tuple[int, int]] = {}
 
-    def tile_bytes(self, side: int) -> float:
-        """Quadratic through the three probes (Lagrange form)."""
-        total = 0.0
-        for i, (si, vi) in enumerate(zip(self.sides, self.activations, strict=True)):
-            for j, sj in enumerate(self.sides):
-                if j != i:
-                    vi *= (side - sj) / (si - sj)
-            total += vi
-        return total
+    def _tile(self, rows: int, cols: int, fit: tuple[float, float, float]) -> float:
+        a, b, c = fit
+        return a * rows * cols + b * (rows + cols) / 2 + c
+
+    def _head_bytes(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        """(saved, largest saved) bytes of the head's forward on the streamed output."""
+        if self.head is None:
+            return 0, 0
+        if shape not in self._head_cache:
+            fmap = torch.zeros(shape, device="meta", dtype=self.out_dtype)
+            fmap.requires_grad_()
+            total, largest, _ = _saved_bytes(
+                lambda: self.head(fmap), [fmap, *self.head.parameters()]
+            )
+            self._head_cache[shape] = total, largest
+        return self._head_cache[shape]
 
     def peak(self, tile_size: int | tuple[int, int]) -> int:
+        """Predicted peak bytes of one step with tiles of ``tile_size``."""
         plan = _plan(self.node, self.input_shape[-2:], nn.modules.utils._pair(tile_size))
-        side = max(max(t.rows[1] - t.rows[0], t.cols[1] - t.cols[0]) for t in plan.tiles)
-        out_map = 2 * self.out_bytes_per_pixel * math.prod(plan.output_size)
-        return int(self.fixed + out_map + self.tile_bytes(side))
+        shapes = [(t.rows[1] - t.rows[0], t.cols[1] - t.cols[0]) for t in plan.tiles]
+        tile_peak = max(
+            self._tile(*s, self.saved) + 2 * self._tile(*s, self.largest) for s in shapes
+        )
+        kept = self._tile(*shapes[-1], self.saved) if self.keep_last_tile else 0
+        fmap = self.out_bytes_per_pixel * math.prod(plan.output_size)
+        head_saved, head_largest = self._head_bytes(
+            (self.input_shape[0], self.out_channels, *plan.output_size)
+        )
+        # The map, the kept tile and the head's activations while the head runs backward; the
+        # map's gradient and one recomputed tile while the streamed part runs backward.
+        head = fmap + kept + max(head_saved + 2 * head_largest, fmap)
+        stream = fmap + tile_peak
+        return int(self.fixed + max(head, stream))
 
 
 def estimate_peak_bytes(
     module: nn.Module,
     input_shape: Sequence[int],
     tile_size: int | tuple[int, int],
+    head: nn.Module | None = None,
+    input_grad: bool = False,
     *,
     input_dtype: torch.dtype = torch.float32,
-    input_grad: bool = False,
+    keep_last_tile: bool | None = None,
 ) -> int:
-    """Predicted peak memory (bytes) of a streamed forward + backward; computed, not measured.
+    """Predicted peak memory (bytes) of a whole train step; computed, not measured.
 
-    The activations autograd saves for one tile are counted on the meta device for three square
-    tile sizes and fitted by a quadratic in the tile side (exact for square interior tiles; the
-    largest tile of the plan is taken as square), plus twice the largest saved tensor for the
-    gradients in flight. Added: the parameters with two gradient buffers, the input (in
-    ``input_dtype``), the input gradient if requested, and the output map with its gradient.
-    Assumes all parameters are trainable. Not included: the layers after the streamed part,
-    allocator overhead and workspaces; activations are counted in the module's dtype, so under
-    autocast the estimate is conservative.
+    The step: the streamed forward, ``head`` forward, loss, ``head`` backward, the streamed
+    backward, all parameters trainable. The activations autograd saves are counted on the meta
+    device (nothing is computed): for one tile at three square tile sizes, fitted by a quadratic
+    in the side (extended to rectangles, exact for interior tiles), and for the head on the
+    whole output map. The peak is the larger of two moments: the head's backward (input, output
+    map, the kept last tile, the head's saved activations plus twice its largest) and the
+    streamed backward (output-map gradient, one tile's saved activations plus twice its largest
+    tensor for the gradients in flight). Added throughout: the weights with two gradient
+    buffers, the input (in ``input_dtype``) and its gradient if requested. Not included:
+    allocator overhead, library workspaces and the optimiser state; activations are counted in
+    the module's dtype, so under autocast the estimate is conservative. It holds for the plain
+    path, which the content-aware path never exceeds.
 
     Args:
         module: a fully convolutional module or a :class:`StreamingModule`.
         input_shape: (N, C, H, W) of the whole input batch.
         tile_size: the tile size to predict for.
-        input_dtype: the input's dtype (``torch.uint8`` for images streamed as integers).
+        head: the layers after the streamed part (e.g. ``StreamingResNet.head``); default: the
+            ``head`` of a :class:`StreamingModule` (set by ``build_streaming_resnet``), else none.
         input_grad: whether the gradient with respect to the input is computed.
+        input_dtype: the input's dtype (``torch.uint8`` for images streamed as integers).
+        keep_last_tile: default: the :class:`StreamingModule`'s setting, else True.
     """
-    return _MemoryModel(module, input_shape, input_dtype, input_grad).peak(tile_size)
+    model = _MemoryModel(module, input_shape, input_dtype, input_grad, head, keep_last_tile)
+    return model.peak(tile_size)
 
 
 def plan_tile_size(
@@ -824,19 +896,22 @@ def plan_tile_size(
     input_shape: Sequence[int],
     memory_budget_bytes: int,
     *,
+    head: nn.Module | None = None,
     input_dtype: torch.dtype = torch.float32,
     input_grad: bool = False,
+    keep_last_tile: bool | None = None,
 ) -> int:
-    """The largest stride-aligned tile size whose forward + backward fits ``memory_budget_bytes``.
+    """The largest stride-aligned tile size whose train step fits ``memory_budget_bytes``.
 
-    The memory is computed by :func:`estimate_peak_bytes` (a prediction, not a measurement):
-    leave headroom for the layers after the streamed part, the optimiser and allocator overhead.
-    The result is never larger than one tile covering the whole image.
+    The memory is computed by :func:`estimate_peak_bytes` (a prediction, not a measurement; the
+    head is included when given or known to the :class:`StreamingModule`): leave headroom for
+    the optimiser state and allocator overhead. The result is never larger than one tile
+    covering the whole image.
 
     Raises:
         ValueError: if even the smallest useful tile is predicted not to fit.
     """
-    model = _MemoryModel(module, input_shape, input_dtype, input_grad)
+    model = _MemoryModel(module, input_shape, input_dtype, input_grad, head, keep_last_tile)
     rows, cols = model.node.geometry
     if rows.stride != cols.stride:
         raise ValueError("plan_tile_size needs a module with equal row and column strides")
