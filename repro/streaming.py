@@ -551,23 +551,66 @@ class _Tiler:
                 yield None, slices[src], src
             elif input_grad:
                 for i in reversed(live):
-                    yield self._trimmed(i, slices[i])
+                    yield from self._trimmed(i, slices[i])
             else:
-                yield self._trimmed(src, sum(slices[i] for i in live[1:]) + slices[live[0]])
+                yield from self._trimmed(src, sum(slices[i] for i in live[1:]) + slices[live[0]])
 
     def _trimmed(self, i: int, g: torch.Tensor):
-        """(tile, cotangent, i): tile ``i`` cut to the bounding box of ``g``'s non-zeros."""
+        """(tile, cotangent, i) for each part of tile ``i`` where ``g`` is not zero: the tile cut
+        to the bounding box of the non-zeros, split further where that saves pixels."""
         tile = self.plan.tiles[i]
         nonzero = g.ne(0).flatten(0, -3).any(0)
-        rows = nonzero.any(1).nonzero().flatten()
-        cols = nonzero.any(0).nonzero().flatten()
-        r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-        if (r0, c0, r1, c1) == (0, 0, *g.shape[-2:]):
-            return tile, g, i
-        out_rows = (tile.out_rows[0] + r0, tile.out_rows[0] + r1)
-        out_cols = (tile.out_cols[0] + c0, tile.out_cols[0] + c1)
-        sub = _tile(self.root, self.plan.input_size, out_rows, out_cols)
-        return sub, g[..., r0:r1, c0:c1], i
+        if bool(nonzero.all()):
+            yield tile, g, i
+            return
+        for (r0, r1), (c0, c1) in _boxes(nonzero, self._box_pixels):
+            out_rows = (tile.out_rows[0] + r0, tile.out_rows[0] + r1)
+            out_cols = (tile.out_cols[0] + c0, tile.out_cols[0] + c1)
+            sub = _tile(self.root, self.plan.input_size, out_rows, out_cols)
+            yield sub, g[..., r0:r1, c0:c1], i
+
+    def _box_pixels(self, rows: int, cols: int) -> int:
+        """Input pixels of an interior tile with ``rows`` x ``cols`` outputs: its cost."""
+        (sr, sc), (mr, mc) = self.plan.stride, self.plan.margin
+        return (rows * sr + mr) * (cols * sc + mc)
+
+
+def _boxes(mask: torch.Tensor, pixels) -> list[tuple[Range, Range]]:
+    """Boxes (rows, cols) that cover the True entries of the 2D ``mask``: its bounding box, split
+    at the widest run of all-False rows or columns inside it when the two parts' bounding boxes
+    cost fewer ``pixels(rows, cols)`` than the whole (recursively)."""
+    rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
+    (r0, r1), (c0, c1) = (int(rows[0]), int(rows[-1]) + 1), (int(cols[0]), int(cols[-1]) + 1)
+    whole = [((r0, r1), (c0, c1))]
+    best, best_cost = whole, pixels(r1 - r0, c1 - c0)
+    for axis, (lo, hi) in enumerate(((r0, r1), (c0, c1))):
+        used = mask.any(1 - axis)[lo:hi].tolist()
+        gap = _widest_gap(used)
+        if gap is None:
+            continue
+        parts = []
+        for a, b in ((lo, lo + gap[0]), (lo + gap[1], hi)):
+            part = mask[a:b] if axis == 0 else mask[:, a:b]
+            dr, dc = (a, 0) if axis == 0 else (0, a)
+            for (p, q), (u, v) in _boxes(part, pixels):
+                parts.append(((p + dr, q + dr), (u + dc, v + dc)))
+        cost = sum(pixels(r[1] - r[0], c[1] - c[0]) for r, c in parts)
+        if cost < best_cost:
+            best, best_cost = parts, cost
+    return best
+
+
+def _widest_gap(used: list[bool]) -> Range | None:
+    """The widest run ``[a, b)`` of False in ``used`` (which starts and ends with True)."""
+    best, start = None, None
+    for i, u in enumerate(used):
+        if not u and start is None:
+            start = i
+        elif u and start is not None:
+            if best is None or i - start > best[1] - best[0]:
+                best = (start, i)
+            start = None
+    return best
 
 
 def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
