@@ -11,7 +11,12 @@ The tiling is derived from the module itself: each supported layer maps an outpu
 to the input window ``[o * stride - left, o * stride + right]``. A tile's input crop starts at a
 multiple of the stride (so its outputs lie on the image's output grid) and carries enough margin
 that the outputs kept from it never see the zero padding of the crop's inner edges. Inside a tile,
-every layer's output is cut to the region the following layers need. See docs/streaming.md.
+every layer's output is cut to the region the following layers need.
+
+Content-aware (the default) it also skips work that cannot change the result: a tile whose input
+crop and geometry equal those of a tile computed before copies that tile's output, and the
+backward pass skips tiles whose output gradient is all zeros, backpropagates identical tiles once
+and recomputes only the boxes of a tile where the gradient is not zero. See docs/streaming.md.
 """
 
 from __future__ import annotations
