@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import math
 import statistics
 import tempfile
 import time
@@ -89,7 +90,6 @@ def _worker(spec: dict) -> dict:
     import torch
 
     from repro.models import build_streaming_resnet
-    from repro.streaming import estimate_peak_bytes
 
     torch.manual_seed(0)
     device = torch.device(spec["device"])
@@ -146,13 +146,41 @@ def _worker(spec: dict) -> dict:
         plan = model.streamed.plan(shape)
         row.update(tiles=len(plan.tiles), coverage=plan.coverage)
         row["stats"] = dataclasses.asdict(model.streamed.last_stats)
-        predicted = estimate_peak_bytes(
-            model.streamed, shape, spec["tile"], input_dtype=x.dtype, input_grad=x.requires_grad
-        )
-        resident = x.numel() * x.element_size()
-        resident += sum(p.numel() * p.element_size() for p in model.parameters())
-        row.update(predicted_bytes=predicted, predicted_step_bytes=predicted - resident)
+        row.update(_prediction(row, model))
     return row
+
+
+def _prediction(row: dict, model=None) -> dict:
+    """The planner's whole-step prediction for a streaming row, and that minus the weights and
+    the input (resident before the step, so not in the measured step memory)."""
+    import torch
+
+    from repro.models import build_streaming_resnet
+    from repro.streaming import estimate_peak_bytes
+
+    if model is None:
+        model = build_streaming_resnet(row["arch"], tile_size=row["tile"])
+    shape = (1, 3, row["size"], row["size"])
+    dtype = torch.uint8 if row["layout"] == "biopsy" else torch.float32
+    predicted = estimate_peak_bytes(
+        model.streamed, shape, row["tile"], input_dtype=dtype, input_grad=row["input_grad"]
+    )
+    resident = math.prod(shape) * dtype.itemsize
+    resident += sum(p.numel() * p.element_size() for p in model.parameters())
+    return dict(predicted_bytes=predicted, predicted_step_bytes=predicted - resident)
+
+
+def repredict(path: Path) -> None:
+    """Recompute the predictions of the streaming rows of a results file with the current
+    planner (a prediction is computed, not measured, so it may be redone after the run)."""
+    import json
+
+    results = json.loads(path.read_text())
+    for row in results["results"]:
+        if row.get("mode") == "streaming" and "error" not in row:
+            row.update(_prediction(row))
+    write_results(path, results)
+    print(_table(results["results"]))
 
 
 def _table(rows: list[dict]) -> str:
@@ -217,10 +245,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the input image")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (written after each row)")
+    parser.add_argument(
+        "--repredict", type=Path, help="only recompute the predictions in this results file"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         serve_worker(_worker, args.worker)
+        return
+    if args.repredict:
+        repredict(args.repredict)
         return
 
     import torch

@@ -853,8 +853,7 @@ class _MemoryModel:
         numel = math.prod(input_shape)
         weights = sum(p.numel() * p.element_size() for p in module.parameters())
         self.fixed = numel * input_dtype.itemsize
-        if input_grad:
-            self.fixed += numel * _float_dtype(module).itemsize
+        self.input_grad = numel * _float_dtype(module).itemsize if input_grad else 0
         self.head_saved = self.head_largest = 0
         if head is not None:
             weights += sum(p.numel() * p.element_size() for p in head.parameters())
@@ -894,9 +893,10 @@ class _MemoryModel:
             (self.input_shape[0], self.out_channels, *plan.output_size)
         )
         # The map, the kept tile and the head's activations while the head runs backward; the
-        # map's gradient and one recomputed tile while the streamed part runs backward.
+        # map's gradient, the input gradient and one recomputed tile while the streamed part
+        # runs backward.
         head = fmap + kept + max(head_saved + 2 * head_largest, fmap)
-        stream = fmap + tile_peak
+        stream = fmap + self.input_grad + tile_peak
         return int(self.fixed + max(head, stream))
 
 
@@ -916,11 +916,11 @@ def estimate_peak_bytes(
     backward, all parameters trainable. The activations autograd saves are counted on the meta
     device (nothing is computed): for one tile at three square tile sizes, fitted by a quadratic
     in the side (extended to rectangles, exact for interior tiles), and for the head on the
-    whole output map. The peak is the larger of two moments: the head's backward (input, output
-    map, the kept last tile, the head's saved activations plus twice its largest) and the
-    streamed backward (output-map gradient, one tile's saved activations plus twice its largest
-    tensor for the gradients in flight). Added throughout: the weights with two gradient
-    buffers, the input (in ``input_dtype``) and its gradient if requested. Not included:
+    whole output map. The peak is the larger of two moments: the head's backward (output map,
+    the kept last tile, the head's saved activations plus twice its largest) and the streamed
+    backward (output-map gradient, the input gradient if requested, one tile's saved activations
+    plus twice its largest tensor for the gradients in flight). Added throughout: the weights
+    with two gradient buffers and the input (in ``input_dtype``). Not included:
     allocator overhead, library workspaces and the optimiser state; activations are counted in
     the module's dtype, so under autocast the estimate is conservative. It holds for the plain
     path, which the content-aware path never exceeds.
