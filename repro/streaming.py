@@ -884,9 +884,7 @@ class _MemoryModel:
         """Predicted peak bytes of one step with tiles of ``tile_size``."""
         plan = _plan(self.node, self.input_shape[-2:], nn.modules.utils._pair(tile_size))
         shapes = [(t.rows[1] - t.rows[0], t.cols[1] - t.cols[0]) for t in plan.tiles]
-        tile_peak = max(
-            self._tile(*s, self.saved) + 2 * self._tile(*s, self.largest) for s in shapes
-        )
+        tile_peak = max(self._tile(*s, self.saved) + self._tile(*s, self.largest) for s in shapes)
         kept = self._tile(*shapes[-1], self.saved) if self.keep_last_tile else 0
         fmap = self.out_bytes_per_pixel * math.prod(plan.output_size)
         head_saved, head_largest = self._head_bytes(
@@ -895,7 +893,7 @@ class _MemoryModel:
         # The map, the kept tile and the head's activations while the head runs backward; the
         # map's gradient, the input gradient and one recomputed tile while the streamed part
         # runs backward.
-        head = fmap + kept + max(head_saved + 2 * head_largest, fmap)
+        head = fmap + kept + max(head_saved + head_largest, fmap)
         stream = fmap + self.input_grad + tile_peak
         return int(self.fixed + max(head, stream))
 
@@ -917,13 +915,14 @@ def estimate_peak_bytes(
     device (nothing is computed): for one tile at three square tile sizes, fitted by a quadratic
     in the side (extended to rectangles, exact for interior tiles), and for the head on the
     whole output map. The peak is the larger of two moments: the head's backward (output map,
-    the kept last tile, the head's saved activations plus twice its largest) and the streamed
+    the kept last tile, the head's saved activations plus the largest of them) and the streamed
     backward (output-map gradient, the input gradient if requested, one tile's saved activations
-    plus twice its largest tensor for the gradients in flight). Added throughout: the weights
-    with two gradient buffers and the input (in ``input_dtype``). Not included:
-    allocator overhead, library workspaces and the optimiser state; activations are counted in
-    the module's dtype, so under autocast the estimate is conservative. It holds for the plain
-    path, which the content-aware path never exceeds.
+    plus its largest tensor, for the gradient in flight when the backward pass reaches it; the
+    later layers' tensors are freed by then). Added throughout: the weights with two gradient
+    buffers and the input (in ``input_dtype``). Not included: allocator overhead, library
+    workspaces and the optimiser state; activations are counted in the module's dtype, so under
+    autocast the estimate is conservative. It holds for the plain path, which the content-aware
+    path never exceeds.
 
     Args:
         module: a fully convolutional module or a :class:`StreamingModule`.
