@@ -16,8 +16,12 @@ before the step (the peak is reset through ``/proc/self/clear_refs``). That step
 printed next to the planner's prediction (:func:`repro.nn.streaming.estimate_peak_bytes`, whole
 step with the head, minus the weights and the input, which are resident before the step).
 The process CPU time and the load average are recorded too: on a shared CPU wall time depends
-on the other load, so compare within one run. With ``--repeats N`` each time is the median of
-N steps.
+on the other load, so compare within one run. On CPU the RSS also holds memory that glibc keeps
+after tensors are freed: tensors below its mmap threshold (which adapts up to 32 MiB) come from
+the heap, which it rarely returns, so at small tiles the RSS exceeds the live tensors. Run with
+``MALLOC_MMAP_THRESHOLD_=1048576`` (a fixed threshold; recorded in each row) to measure what the
+planner predicts, the live tensors, as CUDA's ``max_memory_allocated`` does. With
+``--repeats N`` each time is the median of N steps.
 
 Example::
 
@@ -30,6 +34,7 @@ import argparse
 import dataclasses
 import gc
 import math
+import os
 import statistics
 import tempfile
 import time
@@ -137,6 +142,7 @@ def _worker(spec: dict) -> dict:
     row = dict(spec, seconds=statistics.median(walls), cpu_seconds=statistics.median(cpus))
     row.update(all_seconds=walls, all_cpu_seconds=cpus, peak_bytes=peak)
     row.update(before_step_bytes=before, load_before=load_before, load_after=load_average())
+    row["malloc_mmap_threshold"] = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     if peak_reset:
         row["step_bytes"] = peak - before
     if spec["layout"] == "biopsy":
