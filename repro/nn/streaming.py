@@ -34,6 +34,8 @@ from torch.autograd.function import once_differentiable
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import FrozenBatchNorm2d
 
+from repro.nn.pixels import unit_float
+
 logger = logging.getLogger(__name__)
 
 Range = tuple[int, int]
@@ -465,7 +467,7 @@ class _Tiler:
         """The tile's input crop; integer images become floats in [0, 1] of the module's dtype."""
         crop = _window(x, tile.rows, tile.cols)
         if not crop.is_floating_point():
-            crop = crop.to(self.dtype).div_(torch.iinfo(x.dtype).max)
+            crop = unit_float(crop, self.dtype)
         return crop.detach().requires_grad_(requires_grad)
 
     def run(self, crop: torch.Tensor, tile: Tile, steps: Sequence[_Step] | None = None):

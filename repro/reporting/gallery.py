@@ -8,9 +8,18 @@ import pandas as pd
 import pyvips
 
 from repro.config import Params, resolve_path
+from repro.data.sources import POSITIVE
 from repro.data.store import read_mask_file
 
-PATTERN_NAMES = {0: "negative", 3: "pattern 3", 4: "pattern 4", 5: "pattern 5"}
+PATTERN_NAMES = {
+    0: "negative",
+    POSITIVE: "positive",
+    3: "pattern 3",
+    4: "pattern 4",
+    5: "pattern 5",
+}
+"""Title of each ``primary_pattern``; :data:`~repro.data.sources.POSITIVE` is a positive slide
+without a Gleason grade (CSV datasets)."""
 
 
 def thumbnail(params: Params, row: pd.Series | dict, max_size: int = 256) -> np.ndarray:
@@ -69,10 +78,9 @@ def plot_gallery(
         mask = read_mask_file(prepared / row["mask_path"])
         axis.imshow(mask_overlay(image, mask))
         name = PATTERN_NAMES.get(int(row["primary_pattern"]), "?")
+        grade = f"{row['gleason_score']} ({name})" if pd.notna(row["gleason_score"]) else name
         axis.set_title(
-            f"{row['image_id'][:8]}  {row['gleason_score']} ({name})\n"
-            f"tissue {row['tissue_fraction']:.0%}",
-            fontsize=8,
+            f"{row['image_id'][:8]}  {grade}\ntissue {row['tissue_fraction']:.0%}", fontsize=8
         )
     figure.tight_layout()
     return figure
