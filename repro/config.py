@@ -28,7 +28,7 @@ from typing import Any, Literal
 import yaml
 
 from repro.exceptions import ParamsError
-from repro.layout import PreparedLayout, RunLayout
+from repro.layout import PandaLayout, PreparedLayout, RunLayout
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS_FILE = PROJECT_ROOT / "params" / "demo.yaml"
@@ -189,6 +189,11 @@ class Params:
         """The files of ``data.prepared_dir`` (:class:`repro.layout.PreparedLayout`)."""
         return PreparedLayout(resolve_path(self.data.prepared_dir))
 
+    @property
+    def panda(self) -> PandaLayout:
+        """The raw files of ``data.panda_dir`` (:class:`repro.layout.PandaLayout`)."""
+        return PandaLayout(resolve_path(expand_env(self.data.panda_dir)))
+
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict, suitable for ``yaml.safe_dump`` (e.g. the resolved params.yaml)."""
         return dataclasses.asdict(self)
@@ -289,12 +294,12 @@ def check_data_paths(params: Params) -> None:
         return
     if params.data.source != "panda":
         return
-    root = resolve_path(expand_env(params.data.panda_dir))
-    for required in (root / "train.csv", root / "train_images"):
+    raw = params.panda
+    for required in (raw.labels, raw.images):
         if not required.exists():
             raise ParamsError(
-                f"data.panda_dir: {required} does not exist; put PANDA's train.csv and "
-                f"train_images/ under {root} or set PANDA_DIR"
+                f"data.panda_dir: {required} does not exist; put PANDA's {raw.labels.name} and "
+                f"{raw.images.name}/ under {raw.root} or set PANDA_DIR"
             )
 
 

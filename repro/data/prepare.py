@@ -343,9 +343,9 @@ def prepare_dataset(params: Params, *, progress: bool = True) -> pd.DataFrame:
         ``<data.prepared_dir>/manifest.csv``; rows whose ``status`` is not ``"ok"`` say why.
     """
     data = params.data
-    raw = resolve_path(data.panda_dir)
+    raw = params.panda
     if data.source == "synthetic":
-        generate_synthetic_panda(raw, data.synthetic_images, data.synthetic_size, params.run.seed)
+        generate_synthetic_panda(raw.root, data.synthetic_images, data.synthetic_size, params.run.seed)
     check_data_paths(params)
     prepared = resolve_path(data.prepared_dir)
     for folder in ("images", "masks", "records"):
@@ -355,13 +355,13 @@ def prepare_dataset(params: Params, *, progress: bool = True) -> pd.DataFrame:
     if data.source == "csv":
         labels = read_csv_dataset(resolve_path(data.csv_path))
     else:
-        labels = read_labels(raw / "train.csv", data.data_provider)
+        labels = read_labels(raw.labels, data.data_provider)
 
     rows: dict[str, dict[str, Any]] = {}
     tasks: list[_Task] = []
     for entry in labels.to_dict("records"):
         image_id = entry["image_id"]
-        source = Path(entry.get("slide") or raw / "train_images" / f"{image_id}.tiff")
+        source = Path(entry.get("slide") or raw.image(image_id))
         mpp = entry.pop("mpp", None)
         image_settings = (
             settings if mpp is None or pd.isna(mpp) else replace(settings, mpp_override=mpp)

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from repro.data.slides import save_pyramid
 from repro.io.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
+from repro.layout import PandaLayout
 
 LEVEL0_MPP = 0.48
 """Level-0 microns per pixel of the generated slides (PANDA Radboud: about 0.48)."""
@@ -123,11 +124,12 @@ def generate_synthetic_panda(
                 f"{root} holds a synthetic set made with {existing}, not {info}; delete the "
                 "folder (and the prepared set made from it) to generate a new one"
             )
-    images_dir = root / "train_images"
+    raw = PandaLayout(root)
+    images_dir = raw.images
     images_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(info_path, json.dumps(info, indent=2))
     cases = synthetic_cases(n_images, seed)
-    missing = [case for case in cases if not (images_dir / f"{case.image_id}.tiff").exists()]
+    missing = [case for case in cases if not raw.image(case.image_id).exists()]
     remove_stale_temporaries(images_dir)
     for case in tqdm(missing, desc="synthetic slides", unit="slide", disable=not missing):
         rng = np.random.default_rng([seed, case.index])
@@ -137,7 +139,7 @@ def generate_synthetic_panda(
             RENDER_MPP / LEVEL0_MPP, kernel="linear"
         )
         level0 = level0.embed(0, 0, size, size // 2, extend="copy")
-        write_slide(level0, images_dir / f"{case.image_id}.tiff", LEVEL0_MPP)
+        write_slide(level0, raw.image(case.image_id), LEVEL0_MPP)
     table = pd.DataFrame(
         {
             "image_id": [case.image_id for case in cases],
@@ -146,7 +148,7 @@ def generate_synthetic_panda(
             "gleason_score": [case.gleason_score for case in cases],
         }
     )
-    csv_path = root / "train.csv"
+    csv_path = raw.labels
     if not csv_path.exists() or missing:
         write_text_atomic(csv_path, table.to_csv(index=False))
     if missing:
