@@ -36,6 +36,10 @@ DEFAULT_PARAMS_FILE = PROJECT_ROOT / "params" / "demo.yaml"
 STREAM_STRIDE = {"layer3": 16, "layer4.0": 32}
 """Total stride of the streamed part of a ResNet, by the last streamed layer."""
 
+SyntheticTask = Literal["plain", "local", "context"]
+SYNTHETIC_TASKS: tuple[str, ...] = typing.get_args(SyntheticTask)
+"""What separates the classes of the synthetic set (:mod:`repro.data.synthetic`)."""
+
 
 @dataclass
 class RunSettings:
@@ -68,6 +72,10 @@ class DataSettings:
     tissue_downsample: int = 32  # tissue mask at 1/32 of target_mpp (authors' code; our choice)
     synthetic_images: int = 0  # synthetic set only: number of biopsies generated
     synthetic_size: int = 2048  # synthetic set only: level-0 width of a generated slide (px)
+    # synthetic set only: plain (tumour is the only dark tissue), local (benign mimics: only
+    # morphology separates the classes) or context (two foci apart vs fused). Default plain,
+    # the generator before issue 13, until the demo's training learns the local task.
+    synthetic_task: SyntheticTask = "plain"
 
 
 @dataclass
