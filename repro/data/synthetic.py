@@ -103,8 +103,9 @@ CONTEXT_FOCUS = 0.365
 """Context task: diameter of a focus, as a share of the image height (demo: 140 px at 0.96 um/px);
 a cancer's fused focus is about twice as long (280 px)."""
 CONTEXT_GAP = 0.25
-"""Context task: least distance between benign foci, edge to edge, as a share of the image height
-(demo: 96 px, more than a 64 px MIL patch)."""
+"""Context task: least distance between benign foci, edge to edge (their noisy edges take up to
+a fifth of it), as a share of the image height (demo: 96 px, more than a 64 px MIL patch)."""
+_CONTEXT_TRIES = 50
 _INFO_FILE = "synthetic.json"
 logger = logging.getLogger(__name__)
 
@@ -422,7 +423,7 @@ def _draw_strips(
         if wide:
             half_width = height * rng.uniform(0.28, 0.32)
             angle = np.deg2rad(rng.uniform(-3.0, 3.0))
-            half_length = width * rng.uniform(0.38, 0.42)
+            half_length = width * rng.uniform(0.30, 0.42)
             # its ends reach up to 12% further where the edge noise is high
             reach_x = 1.12 * half_length * abs(np.cos(angle)) + half_width * abs(np.sin(angle))
         else:
@@ -549,15 +550,19 @@ def _context_regions(
     fits = room >= radius
     if not fits.any():
         fits = room >= room.max() * 0.9
-    foci: list[tuple[float, float, float]] = []
-    for _ in range(2):
-        allowed = fits
-        for cy, cx, _ in foci:
-            away = allowed & ((yy - cy) ** 2 + (xx - cx) ** 2 >= apart**2)
-            allowed = away if away.any() else allowed
+
+    def pick(allowed: np.ndarray) -> tuple[float, float]:
         rows, cols = np.nonzero(allowed)
         index = int(rng.integers(len(rows)))
-        foci.append((float(rows[index]), float(cols[index]), radius))
+        return float(rows[index]), float(cols[index])
+
+    for _ in range(_CONTEXT_TRIES):  # a first focus that leaves room for the second
+        first = pick(fits)
+        away = fits & ((yy - first[0]) ** 2 + (xx - first[1]) ** 2 >= apart**2)
+        if away.any():
+            break
+    second = pick(away if away.any() else fits)
+    foci = [(*first, radius), (*second, radius)]
     if cancer:  # fused at one of the two places (at random): both stay equally likely
         cy, cx, _ = foci[int(rng.integers(2))]
         fused = 1.05 * radius
