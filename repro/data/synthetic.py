@@ -193,8 +193,13 @@ def generate_synthetic_panda(
     if size < 64:
         raise ValueError(f"size must be >= 64 px, got {size}")
     root = Path(out_dir)
-    info = {"n_images": int(n_images), "size": int(size), "seed": int(seed), "task": task}
-    info["version"] = 1
+    info = {
+        "n_images": int(n_images),
+        "size": int(size),
+        "seed": int(seed),
+        "task": task,
+        "version": 1,
+    }
     info_path = root / _INFO_FILE
     if info_path.exists():
         existing = {"task": "plain", **json.loads(info_path.read_text())}
@@ -215,7 +220,7 @@ def generate_synthetic_panda(
         if not (raw.image(case.image_id).exists() and raw.label_mask(case.image_id).exists())
     ]
     scale = RENDER_MPP / LEVEL0_MPP  # drawn at 0.96 um/px, enlarged to PANDA's 0.48 um/px
-    kernel = "linear" if task == "plain" else "nearest"
+    kernel = "linear" if task == "plain" else "nearest"  # plain: as before the tasks
     for case in tqdm(missing, desc="synthetic slides", unit="slide", disable=not missing):
         rng = np.random.default_rng([seed, case.index])
         pixels, labels = render_case(
@@ -225,9 +230,10 @@ def generate_synthetic_panda(
             level0 = pyvips.Image.new_from_array(pixels, interpretation="srgb")
             level0 = level0.resize(scale, kernel=kernel).embed(0, 0, size, size // 2, extend="copy")
             write_slide(level0, raw.image(case.image_id), LEVEL0_MPP)
-        mask0 = pyvips.Image.new_from_array(labels).resize(scale, kernel="nearest")
-        mask0 = mask0.embed(0, 0, size, size // 2, extend="copy")
-        write_label_mask(mask0, raw.label_mask(case.image_id), LEVEL0_MPP)
+        if not raw.label_mask(case.image_id).exists():
+            mask0 = pyvips.Image.new_from_array(labels).resize(scale, kernel="nearest")
+            mask0 = mask0.embed(0, 0, size, size // 2, extend="copy")
+            write_label_mask(mask0, raw.label_mask(case.image_id), LEVEL0_MPP)
     table = pd.DataFrame(
         {
             "image_id": [case.image_id for case in cases],
