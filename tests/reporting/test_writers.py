@@ -66,6 +66,9 @@ def test_heatmap_localisation_table(evaluated_run):
     """Biopsy "a" has tumour (label 4) where both maps are highest: pixel AUC 1 and a hit for
     each; "b" (positive) has no label mask and "c" (negative) no tumour: neither is scored."""
     params = evaluated_run
+    empty = write_heatmap_localisation(params)  # no label masks yet (a CSV dataset, say)
+    assert empty["rows"].empty and empty["summary"].empty
+    assert empty["files"][1].read_text().startswith("No biopsy with a label mask.")
     labels = np.zeros((64, 64), np.uint8)
     labels[16:48, 0:48] = 1  # tissue under the MIL patches
     labels[16:48, 32:48] = 4  # tumour under the highest MIL patches (x = 32)
