@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo figures lint format benchmarks clean
+.PHONY: install test demo context figures lint format benchmarks clean
 
 install: $(STAMP)
 
@@ -21,6 +21,11 @@ test: install
 
 demo: install
 	$(PY) -m repro run params/demo.yaml params/demo-half.yaml
+	$(PY) -m repro.reporting.figures --summary figures
+
+# The context task (params/context.yaml): streaming vs MIL where one patch cannot decide.
+context: install
+	$(PY) -m repro run params/context.yaml
 	$(PY) -m repro.reporting.figures --summary figures
 
 figures: install

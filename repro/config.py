@@ -28,13 +28,17 @@ from typing import Any, Literal
 import yaml
 
 from repro.exceptions import ParamsError
-from repro.layout import PreparedLayout, RunLayout
+from repro.layout import PandaLayout, PreparedLayout, RunLayout
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS_FILE = PROJECT_ROOT / "params" / "demo.yaml"
 
 STREAM_STRIDE = {"layer3": 16, "layer4.0": 32}
 """Total stride of the streamed part of a ResNet, by the last streamed layer."""
+
+SyntheticTask = Literal["plain", "local", "context"]
+SYNTHETIC_TASKS: tuple[str, ...] = typing.get_args(SyntheticTask)
+"""What separates the classes of the synthetic set (:mod:`repro.data.synthetic`)."""
 
 
 @dataclass
@@ -68,6 +72,10 @@ class DataSettings:
     tissue_downsample: int = 32  # tissue mask at 1/32 of target_mpp (authors' code; our choice)
     synthetic_images: int = 0  # synthetic set only: number of biopsies generated
     synthetic_size: int = 2048  # synthetic set only: level-0 width of a generated slide (px)
+    # synthetic set only: plain (tumour is the only dark tissue), local (benign mimics: only
+    # morphology separates the classes) or context (two foci apart vs fused). Default plain,
+    # the generator before issue 13, until the demo's training learns the local task.
+    synthetic_task: SyntheticTask = "plain"
 
 
 @dataclass
@@ -189,6 +197,11 @@ class Params:
         """The files of ``data.prepared_dir`` (:class:`repro.layout.PreparedLayout`)."""
         return PreparedLayout(resolve_path(self.data.prepared_dir))
 
+    @property
+    def panda(self) -> PandaLayout:
+        """The raw files of ``data.panda_dir`` (:class:`repro.layout.PandaLayout`)."""
+        return PandaLayout(resolve_path(expand_env(self.data.panda_dir)))
+
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict, suitable for ``yaml.safe_dump`` (e.g. the resolved params.yaml)."""
         return dataclasses.asdict(self)
@@ -289,12 +302,12 @@ def check_data_paths(params: Params) -> None:
         return
     if params.data.source != "panda":
         return
-    root = resolve_path(expand_env(params.data.panda_dir))
-    for required in (root / "train.csv", root / "train_images"):
+    raw = params.panda
+    for required in (raw.labels, raw.images):
         if not required.exists():
             raise ParamsError(
-                f"data.panda_dir: {required} does not exist; put PANDA's train.csv and "
-                f"train_images/ under {root} or set PANDA_DIR"
+                f"data.panda_dir: {required} does not exist; put PANDA's {raw.labels.name} and "
+                f"{raw.images.name}/ under {raw.root} or set PANDA_DIR"
             )
 
 

@@ -1,4 +1,4 @@
-"""Every file name under ``runs/<experiment>/`` and under a prepared-data folder, in one place.
+"""Every file name under ``runs/<experiment>/``, a prepared-data folder and PANDA's raw folder.
 
 An experiment's run directory::
 
@@ -14,7 +14,15 @@ A prepared dataset (notebook 01, shared by the experiments on it)::
       manifest.csv                    one row per slide: label, status, sizes, ...
       images/<image_id>.tiff          the prepared image (pyramidal tiled TIFF)
       masks/<image_id>.png            its tissue mask
+      labels/<image_id>.png           its label mask, when the raw slide has one
       records/<image_id>.json         per-slide preparation record (resumable preparation)
+
+PANDA's raw folder (``data.panda_dir``; the synthetic set is written in the same layout)::
+
+    <data.panda_dir>/
+      train.csv                              image_id, data_provider, isup_grade, gleason_score
+      train_images/<image_id>.tiff           the slide
+      train_label_masks/<image_id>_mask.tiff its label mask (label in the red channel), if any
 
 Code asks these classes for paths and never spells a run or prepared file name itself.
 """
@@ -208,8 +216,41 @@ class PreparedLayout:
     def image(self, image_id: str) -> Path:
         return self.images / f"{image_id}.tiff"
 
+    @property
+    def labels(self) -> Path:
+        return self.root / "labels"
+
     def mask(self, image_id: str) -> Path:
         return self.masks / f"{image_id}.png"
 
+    def label_mask(self, image_id: str) -> Path:
+        """``labels/<image_id>.png``: the prepared label mask (one uint8 band, label values)."""
+        return self.labels / f"{image_id}.png"
+
     def record(self, image_id: str) -> Path:
         return self.records / f"{image_id}.json"
+
+
+@dataclass(frozen=True)
+class PandaLayout:
+    """``<data.panda_dir>/``: PANDA's raw slides, labels and label masks."""
+
+    root: Path
+
+    @property
+    def labels(self) -> Path:
+        return self.root / "train.csv"
+
+    @property
+    def images(self) -> Path:
+        return self.root / "train_images"
+
+    @property
+    def label_masks(self) -> Path:
+        return self.root / "train_label_masks"
+
+    def image(self, image_id: str) -> Path:
+        return self.images / f"{image_id}.tiff"
+
+    def label_mask(self, image_id: str) -> Path:
+        return self.label_masks / f"{image_id}_mask.tiff"

@@ -74,7 +74,7 @@ MIL_IMAGES = 40
 
 MIL_SECTIONS: dict[str, Any] = {
     "experiment": "mil",
-    "data": {"synthetic_images": MIL_IMAGES},
+    "data": {"synthetic_images": MIL_IMAGES, "synthetic_task": "plain"},  # MIL learns it
     "splits": {"tune_fraction": 0.3, "test_fraction": 0.1},
     "mil": {
         "arch": "resnet18",

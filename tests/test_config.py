@@ -95,6 +95,7 @@ def test_float_field_rejects_other_strings(tmp_path):
         ("streaming:\n  stream_until: layer4.0\n  tile_size: 2800\n", "stride 32"),
         ("train:\n  epochs: three\n", "train.epochs: expected int, got 'three'"),
         ("streaming:\n  arch: resnet35\n", "streaming.arch: must be one of"),
+        ("data:\n  synthetic_task: global\n", "data.synthetic_task: must be one of 'plain'"),
         ("run:\n  device: gpu\n", "run.device"),
         ("splits:\n  tune_fraction: 0.6\n  test_fraction: 0.5\n", "must be < 1"),
         ("train: [1, 2]\n", "train: must be a mapping"),

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from repro.layout import METHODS, MethodLayout, PreparedLayout, RunLayout
+from repro.layout import METHODS, MethodLayout, PandaLayout, PreparedLayout, RunLayout
 
 
 def test_run_layout_names(tmp_path):
@@ -79,7 +79,15 @@ def test_prepared_layout_names():
     )
     assert prepared.image("x") == Path("p/images/x.tiff")
     assert prepared.mask("x") == Path("p/masks/x.png")
+    assert prepared.label_mask("x") == Path("p/labels/x.png")
     assert prepared.record("x") == Path("p/records/x.json")
+
+
+def test_panda_layout_names():
+    raw = PandaLayout(Path("r"))
+    assert raw.labels == Path("r/train.csv")
+    assert raw.image("x") == Path("r/train_images/x.tiff")
+    assert raw.label_mask("x") == Path("r/train_label_masks/x_mask.tiff")
 
 
 def test_params_know_their_layouts(make_params, tmp_path):

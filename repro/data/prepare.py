@@ -16,10 +16,12 @@ dataset CSV when ``data.source`` is ``csv`` (:mod:`repro.data.sources`; slides o
    fit). Offsets are rounded to whole mask pixels so that the mask stays aligned with the image
    (the centring is exact to ``tissue_downsample / 2`` px);
 5. written once: ``images/<image_id>.tiff`` (tiled 256 px, JPEG Q90, pyramidal, with resolution
-   tags), ``masks/<image_id>.png`` (the tissue mask of the prepared image at 1/downsample) and
-   ``records/<image_id>.json`` (its manifest row). Each file goes to a temporary name first and
-   is renamed when complete, the record last, so an interrupted run leaves no half-written file
-   that looks finished.
+   tags), ``masks/<image_id>.png`` (the tissue mask of the prepared image at 1/downsample),
+   ``labels/<image_id>.png`` (when the raw PANDA-layout set has the slide's label mask
+   ``train_label_masks/<image_id>_mask.tiff``: the same resampling, trim and pad as the image,
+   by nearest neighbour; :mod:`repro.data.masks`) and ``records/<image_id>.json`` (its manifest
+   row). Each file goes to a temporary name first and is renamed when complete, the record last,
+   so an interrupted run leaves no half-written file that looks finished.
 
 :func:`prepare_dataset` runs the images in worker processes (``run.num_workers``), skips images
 that are already prepared with the same settings (after verifying their files), retries images
@@ -51,6 +53,7 @@ import pyvips
 from tqdm.auto import tqdm
 
 from repro.config import Params, check_data_paths, resolve_path
+from repro.data.masks import prepare_label_mask
 from repro.data.slides import SlideError, crop_or_pad, explain_error, open_slide, save_pyramid
 from repro.data.sources import SOURCE_COLUMNS, read_csv_dataset
 from repro.data.synthetic import generate_synthetic_panda
@@ -95,12 +98,16 @@ MANIFEST_COLUMNS = [
     "trim_height",
     "offset_x",
     "offset_y",
+    "label_path",
+    "tumour_fraction",
 ]
 """Manifest columns. ``width``/``height``: the prepared size (input_size); ``orig_*``: level 0 of
 the raw slide; ``scaled_*``: the slide at target mpp; ``trim_*``: the tissue bounding box in it;
 ``offset_*``: where that box's top-left corner lies in the prepared image (negative: cropped);
 ``tissue_fraction``: tissue share of the prepared image; ``tissue_kept``: share of the slide's
-tissue that is in the prepared image (< 1 when cropped); ``fits``: no cropping was needed."""
+tissue that is in the prepared image (< 1 when cropped); ``fits``: no cropping was needed;
+``label_path``, ``tumour_fraction``: the prepared label mask and its share of tumour (labels
+>= 3), empty when the raw slide has no label mask."""
 
 _GLEASON = re.compile(r"^\s*([0-5])\s*\+\s*([0-5])\s*$")
 _SAVE_EVERY = 25
@@ -226,13 +233,16 @@ def prepare_image(
     image_path: str | os.PathLike[str],
     mask_path: str | os.PathLike[str],
     settings: PrepareSettings,
+    labels: tuple[str | os.PathLike[str], str | os.PathLike[str]] | None = None,
 ) -> dict[str, Any]:
     """Prepare one slide (steps 2-5 of the module docstring); returns its geometry.
 
-    Writes ``image_path`` (prepared TIFF) and ``mask_path`` (PNG), each via a temporary name.
+    Writes ``image_path`` (prepared TIFF) and ``mask_path`` (PNG), each via a temporary name;
+    with ``labels`` = (raw label mask, prepared label mask), also the prepared label mask
+    (PNG, :func:`repro.data.masks.prepare_label_mask`), and the row gets ``tumour_fraction``.
 
     Raises:
-        SlideError: the slide cannot be read (the message names it).
+        SlideError: the slide or its label mask cannot be read (the message names the file).
         NoTissueError: no tissue was found.
     """
     size = settings.input_size
@@ -277,7 +287,19 @@ def prepare_image(
             raise SlideError(f"{source}: {where}, read with {slide.backend}: {reason}") from None
         with atomic_path(mask_path) as partial_mask:
             pyvips.Image.new_from_array(out_mask.astype(np.uint8) * 255).pngsave(str(partial_mask))
+        tumour = {}
+        if labels is not None:
+            fraction = prepare_label_mask(
+                labels[0],
+                labels[1],
+                scaled_size=(scaled.width, scaled.height),
+                box=(x0, y0, width, height),
+                offset=(left, top),
+                size=size,
+            )
+            tumour = {"tumour_fraction": fraction}
     return {
+        **tumour,
         "width": size,
         "height": size,
         "mask_downsample": down,
@@ -319,14 +341,16 @@ class _Task:
     source: str
     prepared_dir: str
     settings: PrepareSettings
+    label_source: str | None = None  # the raw label mask, when the slide has one
 
 
 def prepared_paths(prepared_dir: str | os.PathLike[str], image_id: str) -> dict[str, Path]:
-    """The files of one prepared image: ``image``, ``mask`` and ``record``."""
+    """The files of one prepared image: ``image``, ``mask``, ``labels`` and ``record``."""
     layout = PreparedLayout(Path(prepared_dir))
     return {
         "image": layout.image(image_id),
         "mask": layout.mask(image_id),
+        "labels": layout.label_mask(image_id),
         "record": layout.record(image_id),
     }
 
@@ -336,32 +360,43 @@ def prepare_dataset(params: Params, *, progress: bool = True) -> pd.DataFrame:
 
     With ``data.source == "synthetic"`` the raw set is generated into ``data.panda_dir`` first
     if it is missing (``data.synthetic_images`` images of ``data.synthetic_size`` px, seed
-    ``run.seed``). See the module docstring for what happens to each image.
+    ``run.seed``, task ``data.synthetic_task``). See the module docstring for what happens to
+    each image; label masks are looked for in PANDA's layout (PANDA and synthetic sources).
 
     Returns:
         The manifest (:data:`MANIFEST_COLUMNS`), also written to
         ``<data.prepared_dir>/manifest.csv``; rows whose ``status`` is not ``"ok"`` say why.
     """
     data = params.data
-    raw = resolve_path(data.panda_dir)
+    raw = params.panda
     if data.source == "synthetic":
-        generate_synthetic_panda(raw, data.synthetic_images, data.synthetic_size, params.run.seed)
+        generate_synthetic_panda(
+            raw.root,
+            data.synthetic_images,
+            data.synthetic_size,
+            params.run.seed,
+            data.synthetic_task,
+        )
     check_data_paths(params)
     prepared = resolve_path(data.prepared_dir)
-    for folder in ("images", "masks", "records"):
-        (prepared / folder).mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(prepared / folder)
+    layout = PreparedLayout(prepared)
+    for folder in (layout.images, layout.masks, layout.labels, layout.records):
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(folder)
     settings = PrepareSettings.from_params(params)
     if data.source == "csv":
         labels = read_csv_dataset(resolve_path(data.csv_path))
     else:
-        labels = read_labels(raw / "train.csv", data.data_provider)
+        labels = read_labels(raw.labels, data.data_provider)
 
     rows: dict[str, dict[str, Any]] = {}
     tasks: list[_Task] = []
     for entry in labels.to_dict("records"):
         image_id = entry["image_id"]
-        source = Path(entry.get("slide") or raw / "train_images" / f"{image_id}.tiff")
+        source = Path(entry.get("slide") or raw.image(image_id))
+        label_source = raw.label_mask(image_id) if data.source != "csv" else None
+        if label_source is not None and not label_source.exists():
+            label_source = None
         mpp = entry.pop("mpp", None)
         image_settings = (
             settings if mpp is None or pd.isna(mpp) else replace(settings, mpp_override=mpp)
@@ -372,18 +407,20 @@ def prepare_dataset(params: Params, *, progress: bool = True) -> pd.DataFrame:
             rows[image_id] = {**entry, "status": f"missing image: {source}"}
             logger.warning("%s: missing image file %s", image_id, source)
         else:
-            finished = _finished_row(prepared, image_id, image_settings)
+            has_labels = label_source is not None
+            finished = _finished_row(prepared, image_id, image_settings, has_labels)
             if finished is not None:
                 rows[image_id] = {**entry, **finished}
             else:
                 rows[image_id] = {**entry, "status": "not prepared (interrupted)"}
-                tasks.append(_Task(image_id, str(source), str(prepared), image_settings))
+                label = str(label_source) if has_labels else None
+                tasks.append(_Task(image_id, str(source), str(prepared), image_settings, label))
     skipped = sum(1 for row in rows.values() if row["status"] == OK)
     if skipped:
         logger.info("%d of %d images already prepared (verified), skipped", skipped, len(rows))
 
     order = list(labels["image_id"])
-    manifest_path = PreparedLayout(prepared).manifest
+    manifest_path = layout.manifest
     completed = 0
 
     def record(image_id: str, result: dict[str, Any]) -> None:
@@ -437,15 +474,20 @@ def failures(manifest: pd.DataFrame) -> pd.DataFrame:
     return manifest.loc[manifest["status"] != OK, columns].reset_index(drop=True)
 
 
-def _finished_row(prepared: Path, image_id: str, settings: PrepareSettings) -> dict | None:
+def _finished_row(
+    prepared: Path, image_id: str, settings: PrepareSettings, has_labels: bool
+) -> dict | None:
     """The recorded manifest row if the image is prepared with these settings and its files
-    verify (TIFF opens with the expected size, its smallest level decodes, mask size matches)."""
+    verify (TIFF opens with the expected size, its smallest level decodes, mask size matches,
+    a label mask is there exactly when the raw slide has one and has the image's size)."""
     paths = prepared_paths(prepared, image_id)
     try:
         stored = json.loads(paths["record"].read_text())
     except (OSError, json.JSONDecodeError):
         return None
     if stored.get("fingerprint") != settings.fingerprint():
+        return None
+    if has_labels != bool(stored["row"].get("label_path")):
         return None
     size = settings.input_size
     mask_side = math.ceil(size / settings.tissue_downsample)
@@ -457,7 +499,14 @@ def _finished_row(prepared: Path, image_id: str, settings: PrepareSettings) -> d
         )
         smallest.avg()
         mask = pyvips.Image.new_from_file(str(paths["mask"]), revalidate=True)
+        labels = (
+            pyvips.Image.new_from_file(str(paths["labels"]), revalidate=True)
+            if has_labels
+            else image
+        )
     except pyvips.Error:
+        return None
+    if (labels.width, labels.height) != (size, size):
         return None
     if (image.width, image.height, image.bands) != (size, size, 3):
         return None
@@ -469,18 +518,26 @@ def _finished_row(prepared: Path, image_id: str, settings: PrepareSettings) -> d
 def _prepare_one(task: _Task) -> dict[str, Any]:
     """Worker: prepare one image and write its record; failures come back as a status."""
     paths = prepared_paths(task.prepared_dir, task.image_id)
+    labels = None if task.label_source is None else (task.label_source, paths["labels"])
+    if labels is None:
+        paths["labels"].unlink(missing_ok=True)  # left by an earlier set that had label masks
     try:
-        geometry = prepare_image(task.source, paths["image"], paths["mask"], task.settings)
+        geometry = prepare_image(
+            task.source, paths["image"], paths["mask"], task.settings, labels=labels
+        )
     except (SlideError, NoTissueError) as error:
         return {"status": str(error)}
     except Exception as error:  # any failure is recorded, the run goes on
         return {"status": f"{task.source}: {type(error).__name__}: {error}"}
+    root = Path(task.prepared_dir)
     row = {
         **geometry,
-        "path": f"images/{task.image_id}.tiff",
-        "mask_path": f"masks/{task.image_id}.png",
+        "path": paths["image"].relative_to(root).as_posix(),
+        "mask_path": paths["mask"].relative_to(root).as_posix(),
         "status": OK,
     }
+    if labels is not None:
+        row["label_path"] = paths["labels"].relative_to(root).as_posix()
     record = {"fingerprint": task.settings.fingerprint(), "row": row}
     write_text_atomic(paths["record"], json.dumps(record, indent=1))
     return row

@@ -307,6 +307,8 @@ def save_pyramid(
     path: str | os.PathLike[str],
     mpp: float,
     layout: Literal["halving", "panda"] = "halving",
+    *,
+    labels: bool = False,
 ) -> None:
     """Write ``image`` as a tiled (256 px), JPEG-compressed (Q90) pyramidal TIFF.
 
@@ -317,13 +319,24 @@ def save_pyramid(
         layout: ``"halving"``: pages 1, 1/2, 1/4, ... down to one tile (libvips's pyramid; the
             prepared images); ``"panda"``: exactly PANDA's pages 1, 1/4, 1/16 (box averages of
             ``image``), each with its own resolution tags (the synthetic raw slides).
+        labels: ``image`` holds label values (a label mask): lossless (deflate) instead of JPEG,
+            and the lower pages are shrunk by nearest neighbour, so they hold label values only.
 
     BigTIFF is used when the pixels exceed the 4 GiB classic-TIFF limit.
     """
-    options = {"tile": True, "tile_width": 256, "tile_height": 256, "compression": "jpeg"}
-    options |= {"Q": 90, "bigtiff": image.width * image.height * image.bands >= 2**32}
+    options = {"tile": True, "tile_width": 256, "tile_height": 256}
+    options |= {"compression": "deflate"} if labels else {"compression": "jpeg", "Q": 90}
+    options |= {"bigtiff": image.width * image.height * image.bands >= 2**32}
     if layout == "halving":
-        image.tiffsave(str(path), pyramid=True, xres=1000.0 / mpp, yres=1000.0 / mpp, **options)
+        shrink = "nearest" if labels else "mean"
+        image.tiffsave(
+            str(path),
+            pyramid=True,
+            region_shrink=shrink,
+            xres=1000.0 / mpp,
+            yres=1000.0 / mpp,
+            **options,
+        )
         return
     if layout != "panda":
         raise ValueError(f"layout must be 'halving' or 'panda', got {layout!r}")
@@ -333,7 +346,10 @@ def save_pyramid(
         for index, factor in enumerate(PANDA_DOWNSAMPLES):
             if min(image.width, image.height) < factor:
                 break
-            page = image if factor == 1 else image.shrink(factor, factor)
+            if factor == 1:
+                page = image
+            else:
+                page = nearest_shrink(image, factor) if labels else image.shrink(factor, factor)
             name = folder / f"page{index}.tiff"
             resolution = 1000.0 / (mpp * image.width / page.width)
             page.tiffsave(str(name), xres=resolution, yres=resolution, **options)
@@ -341,3 +357,14 @@ def save_pyramid(
         join_pages(pages, path)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def nearest_shrink(image: pyvips.Image, factor: int) -> pyvips.Image:
+    """``image`` shrunk by an integer ``factor`` to the size ``image.shrink(factor, factor)``
+    has, each output pixel the input pixel at the centre of its ``factor`` x ``factor`` block
+    (blocks past the edge take the edge pixel)."""
+    shrunk = image.shrink(factor, factor)  # only for its size (rounded as libvips rounds)
+    width, height = shrunk.width * factor, shrunk.height * factor
+    half = factor // 2
+    grown = image.embed(0, 0, width + factor, height + factor, extend="copy")
+    return grown.crop(half, half, width, height).subsample(factor, factor)

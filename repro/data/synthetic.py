@@ -1,8 +1,11 @@
 """A synthetic biopsy set in PANDA's layout, so that the whole study runs without downloads.
 
-:func:`generate_synthetic_panda` writes ``train.csv`` (image_id, data_provider, isup_grade,
-gleason_score) and ``train_images/<image_id>.tiff``: tiled, JPEG-compressed pyramidal TIFFs at
-0.48 um/px with resolution tags, like PANDA's Radboud images.
+:func:`generate_synthetic_panda` writes (:class:`repro.layout.PandaLayout`) ``train.csv``
+(image_id, data_provider, isup_grade, gleason_score), ``train_images/<image_id>.tiff`` (tiled,
+JPEG-compressed pyramidal TIFFs at 0.48 um/px with resolution tags and PANDA's pages 1, 1/4, 1/16,
+like PANDA's Radboud images) and ``train_label_masks/<image_id>_mask.tiff`` (the same pyramid,
+lossless, Radboud values in the red channel: 0 background, 1 stroma, 2 benign epithelium, 3/4/5
+Gleason pattern; :func:`repro.data.masks.write_label_mask`).
 
 What an image shows (all drawn with vectorised numpy, deterministic from the seed):
 
@@ -10,18 +13,43 @@ What an image shows (all drawn with vectorised numpy, deterministic from the see
   orientations on a slightly grey-white background, so trimming has something to do;
 - pink eosin stroma with a fibrous texture and sparse nuclei, holding benign glands: white lumina
   ringed by pale epithelium and a rim of purple nuclei;
-- in cancer cases (label 1) one or two small irregular regions of densely packed, dark
-  blue-purple tumour, 35-60 px across at 0.96 um/px (up to 1.6x longer along the strip), so one
-  fits a 48-64 px patch; its look follows the Gleason pattern: 3 = small separate glands with
-  tiny lumina, 4 = fused cribriform blobs with punched-out lumina, 5 = solid sheets of dark
-  nuclei. A smaller region of the secondary pattern is added when it differs from the primary.
+- dark blue-purple regions, 35-60 px across at 0.96 um/px (up to 1.6x longer along the strip),
+  so one fits a 48-64 px patch. Their look follows a Gleason pattern: 3 = small separate glands
+  with lumina, 4 = fused cribriform blobs with punched-out lumina, 5 = solid sheets of dark
+  nuclei.
 
-The tumour signal is strong and local, not a global colour shift of the image: in 1536 px
-slides (the demo set) the tumour covers a median 6% (2-17%) of the tissue; in 768 px slides
-(smoke), with less tissue per image, a median 22%. Tumour size is a physical size, like the
-texture, so it does not shrink with the slide. Small networks trained from scratch can learn it.
-The class balance follows PANDA Radboud roughly: a third negatives; positives with primary
-pattern 3, 4, 5 in proportions 0.4, 0.4, 0.2, every pattern present.
+What separates the classes is ``data.synthetic_task`` (:data:`repro.config.SYNTHETIC_TASKS`):
+
+- ``plain`` (the default, the generator before issue 13, unchanged): a cancer (label 1) holds
+  one or two tumour regions of the primary pattern and a smaller one of the secondary when it
+  differs; negatives hold none. Tumour is then the only dark tissue, readable from colour alone
+  (a logistic regression on colour statistics scores AUC 1.0): the set the training tests use
+  to check that learning works at all. In 1536 px slides (the demo set) tumour covers a median
+  6% (2-17%) of the tissue.
+- ``local``: the dark regions of a cancer are its tumour as in ``plain``, and zero to two further
+  regions are benign **mimics**; a negative gets a "phantom" grade and as many regions, of the
+  same sizes and looks, all mimics. A mimic is the tumour texture of its pattern with its
+  2 x 2 px blocks (half a nucleus) shuffled (:func:`_shuffle_blocks`): exactly the tumour's
+  colours and the same mean colour in every 2 x 2 block, but no glands, rings or lumina, like
+  inflammation (Table III's main false positives). Tumour and mimic differ only in
+  high-resolution morphology.
+- ``context``: one broad tissue fragment holding the same amount of one pattern's texture in two
+  round foci :data:`CONTEXT_FOCUS` x the image height across (140 px in the demo's 384 px high
+  images). Benign: the foci lie at least :data:`CONTEXT_GAP` x the height apart (96 px, more
+  than a 64 px patch); cancer: they are fused into one focus about twice as long (280 px), at one
+  of the places a benign focus would be. A 64 px patch looks the same in both classes; only a
+  view wider than one focus (inside a ResNet-18's 435 px receptive field) tells them apart.
+
+``local`` and ``context`` have no colour or thumbnail shortcut (``tests/data/test_shortcuts.py``:
+logistic regressions on colour statistics, colour histograms and a 16 x 8 thumbnail stay near
+chance); their tumour textures have larger glands, lumina and nuclei than ``plain``'s, so that
+the morphology survives at 0.96 um/px, and their level 0 is the drawn image enlarged by pixel
+replication (``plain``: bilinear), so reading it back at 0.96 um/px gives the drawn pixels and no
+blur treats tumour and mimic differently.
+
+Tumour sizes are physical sizes, like the texture, so they do not shrink with the slide. The
+class balance follows PANDA Radboud roughly: a third negatives; positives with primary pattern 3,
+4, 5 in proportions 0.4, 0.4, 0.2, every pattern present.
 """
 
 from __future__ import annotations
@@ -37,10 +65,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyvips
+from scipy import ndimage
 from tqdm.auto import tqdm
 
+from repro.config import SYNTHETIC_TASKS, SyntheticTask
+from repro.data.masks import write_label_mask
 from repro.data.slides import save_pyramid
 from repro.io.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
+from repro.layout import PandaLayout
 
 LEVEL0_MPP = 0.48
 """Level-0 microns per pixel of the generated slides (PANDA Radboud: about 0.48)."""
@@ -64,6 +96,16 @@ ISUP = {
 """ISUP grade group of a Gleason score (primary, secondary)."""
 
 _SECONDARY = {3: (3, 3, 4, 5), 4: (3, 4, 4, 5), 5: (4, 5, 5)}
+_PATTERN_P = np.array(list(PATTERN_WEIGHTS.values())) / sum(PATTERN_WEIGHTS.values())
+MIMIC_BLOCK = 2
+"""Side (px at 0.96 um/px, half a nucleus) of the blocks a mimic's pixels are shuffled in."""
+CONTEXT_FOCUS = 0.365
+"""Context task: diameter of a focus, as a share of the image height (demo: 140 px at 0.96 um/px);
+a cancer's fused focus is about twice as long (280 px)."""
+CONTEXT_GAP = 0.25
+"""Context task: least distance between benign foci, edge to edge (their noisy edges take up to
+a fifth of it), as a share of the image height (demo: 96 px, more than a 64 px MIL patch)."""
+_CONTEXT_TRIES = 50
 _INFO_FILE = "synthetic.json"
 logger = logging.getLogger(__name__)
 
@@ -81,6 +123,34 @@ _TUMOUR_LUMEN = np.array([0.92, 0.88, 0.94], np.float32)
 
 
 @dataclass(frozen=True)
+class _Look:
+    """The lattice of a tumour pattern's texture (see :func:`_lattice`) and its thresholds."""
+
+    spacing: float
+    radius: tuple[float, float]
+    jitter: float
+    presence: float  # share of lattice objects drawn
+    rim: float = 0.0  # pattern 3: nuclei where the lattice ratio is above this
+    lumen: float = 0.0  # pattern 3: lumen where the lattice ratio is below this
+
+
+_LOOKS = {
+    "plain": {
+        3: _Look(8.5, (2.8, 3.8), 0.7, 0.85, rim=0.55, lumen=0.35),
+        4: _Look(5.5, (1.0, 1.6), 1.0, 0.7),
+        5: _Look(3.0, (0.9, 1.25), 0.3, 0.85),
+    },
+    "morphology": {  # local and context: open lumina, larger nuclei
+        3: _Look(12.0, (4.2, 5.2), 0.8, 0.85, rim=0.6, lumen=0.45),
+        4: _Look(8.0, (2.2, 3.0), 0.8, 0.7),
+        5: _Look(5.0, (1.6, 2.2), 0.4, 0.9),
+    },
+}
+"""Tumour textures: ``plain``'s (the generator before issue 13) and the clearer ones of the local
+and context tasks."""
+
+
+@dataclass(frozen=True)
 class SyntheticCase:
     """Labels of one generated biopsy."""
 
@@ -93,51 +163,77 @@ class SyntheticCase:
 
 
 def generate_synthetic_panda(
-    out_dir: str | os.PathLike[str], n_images: int, size: int, seed: int
+    out_dir: str | os.PathLike[str],
+    n_images: int,
+    size: int,
+    seed: int,
+    task: SyntheticTask = "plain",
 ) -> Path:
     """Write a synthetic PANDA-format set (idempotent); returns ``out_dir``.
 
     Args:
-        out_dir: gets ``train.csv``, ``train_images/<image_id>.tiff`` and ``synthetic.json``.
+        out_dir: gets ``train.csv``, ``train_images/<image_id>.tiff``,
+            ``train_label_masks/<image_id>_mask.tiff`` and ``synthetic.json``.
         n_images: number of biopsies (>= 4 so that every class is present).
         size: level-0 width in pixels; images are ``size x size // 2`` at 0.48 um/px.
         seed: everything (labels, images) follows from it.
+        task: what separates the classes (module docstring).
 
-    A second call with the same arguments only regenerates missing images; with different
-    arguments on an existing set it raises ``ValueError`` (delete the folder to regenerate).
-    Images are written to a temporary name and renamed when complete; ``train.csv`` last.
-    Biopsies are drawn at 0.96 um/px and enlarged 2x (bilinear) to level 0, so level 0 holds no
-    detail finer than the 0.96 um/px the models see.
+    A second call with the same arguments only regenerates missing images and label masks; with
+    different arguments on an existing set it raises ``ValueError`` (delete the folder to
+    regenerate; a set written before the tasks existed counts as ``plain``). Files are written
+    to a temporary name and renamed when complete; ``train.csv`` last. Biopsies are drawn at
+    0.96 um/px and enlarged 2x to level 0, so level 0 holds no detail finer than the 0.96 um/px
+    the models see; label masks are enlarged by pixel replication.
     """
+    if task not in SYNTHETIC_TASKS:
+        raise ValueError(f"task must be one of {SYNTHETIC_TASKS}, got {task!r}")
     if n_images < 4:
         raise ValueError(f"n_images must be >= 4 (negatives and patterns 3, 4, 5), got {n_images}")
     if size < 64:
         raise ValueError(f"size must be >= 64 px, got {size}")
     root = Path(out_dir)
-    info = {"n_images": int(n_images), "size": int(size), "seed": int(seed), "version": 1}
+    info = {
+        "n_images": int(n_images),
+        "size": int(size),
+        "seed": int(seed),
+        "task": task,
+        "version": 1,
+    }
     info_path = root / _INFO_FILE
     if info_path.exists():
-        existing = json.loads(info_path.read_text())
+        existing = {"task": "plain", **json.loads(info_path.read_text())}
         if existing != info:
             raise ValueError(
                 f"{root} holds a synthetic set made with {existing}, not {info}; delete the "
                 "folder (and the prepared set made from it) to generate a new one"
             )
-    images_dir = root / "train_images"
-    images_dir.mkdir(parents=True, exist_ok=True)
+    raw = PandaLayout(root)
+    for folder in (raw.images, raw.label_masks):
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(folder)
     write_text_atomic(info_path, json.dumps(info, indent=2))
     cases = synthetic_cases(n_images, seed)
-    missing = [case for case in cases if not (images_dir / f"{case.image_id}.tiff").exists()]
-    remove_stale_temporaries(images_dir)
+    missing = [
+        case
+        for case in cases
+        if not (raw.image(case.image_id).exists() and raw.label_mask(case.image_id).exists())
+    ]
+    scale = RENDER_MPP / LEVEL0_MPP  # drawn at 0.96 um/px, enlarged to PANDA's 0.48 um/px
+    kernel = "linear" if task == "plain" else "nearest"  # plain: as before the tasks
     for case in tqdm(missing, desc="synthetic slides", unit="slide", disable=not missing):
         rng = np.random.default_rng([seed, case.index])
-        pixels = render_biopsy(rng, size // 2, size // 4, case.primary, case.secondary)
-        # Drawn at 0.96 um/px, enlarged 2x to the 0.48 um/px level 0 that PANDA has.
-        level0 = pyvips.Image.new_from_array(pixels, interpretation="srgb").resize(
-            RENDER_MPP / LEVEL0_MPP, kernel="linear"
+        pixels, labels = render_case(
+            rng, size // 2, size // 4, case.primary, case.secondary, task
         )
-        level0 = level0.embed(0, 0, size, size // 2, extend="copy")
-        write_slide(level0, images_dir / f"{case.image_id}.tiff", LEVEL0_MPP)
+        if not raw.image(case.image_id).exists():
+            level0 = pyvips.Image.new_from_array(pixels, interpretation="srgb")
+            level0 = level0.resize(scale, kernel=kernel).embed(0, 0, size, size // 2, extend="copy")
+            write_slide(level0, raw.image(case.image_id), LEVEL0_MPP)
+        if not raw.label_mask(case.image_id).exists():
+            mask0 = pyvips.Image.new_from_array(labels).resize(scale, kernel="nearest")
+            mask0 = mask0.embed(0, 0, size, size // 2, extend="copy")
+            write_label_mask(mask0, raw.label_mask(case.image_id), LEVEL0_MPP)
     table = pd.DataFrame(
         {
             "image_id": [case.image_id for case in cases],
@@ -146,7 +242,7 @@ def generate_synthetic_panda(
             "gleason_score": [case.gleason_score for case in cases],
         }
     )
-    csv_path = root / "train.csv"
+    csv_path = raw.labels
     if not csv_path.exists() or missing:
         write_text_atomic(csv_path, table.to_csv(index=False))
     if missing:
@@ -184,22 +280,42 @@ def render_biopsy(
     primary: int,
     secondary: int = 0,
     return_masks: bool = False,
+    task: SyntheticTask = "plain",
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One synthetic H&E biopsy as a uint8 ``(height, width, 3)`` array at 0.96 um/px.
 
-    ``primary`` 0 draws a benign biopsy; 3, 4 or 5 adds tumour of that Gleason pattern (and a
-    smaller region of ``secondary`` when it differs). Sizes below are pixels at 0.96 um/px.
-    With ``return_masks``, also the boolean tissue and tumour masks (ground truth).
+    ``primary`` 0 draws a benign biopsy; 3, 4 or 5 one with tumour of that Gleason pattern (and
+    of ``secondary`` when it differs). With ``return_masks``, also the boolean tissue and tumour
+    masks (ground truth). See :func:`render_case`.
     """
+    pixels, labels = render_case(rng, width, height, primary, secondary, task)
+    return (pixels, labels > 0, labels >= 3) if return_masks else pixels
+
+
+def render_case(
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    primary: int,
+    secondary: int = 0,
+    task: SyntheticTask = "plain",
+) -> tuple[np.ndarray, np.ndarray]:
+    """A biopsy (uint8 ``(height, width, 3)``) and its label mask (uint8 ``(height, width)``,
+    Radboud values: 0 background, 1 stroma, 2 benign epithelium, 3/4/5 Gleason pattern), at
+    0.96 um/px, for ``task`` (module docstring). Sizes below are pixels at 0.96 um/px.
+    """
+    if task not in SYNTHETIC_TASKS:
+        raise ValueError(f"task must be one of {SYNTHETIC_TASKS}, got {task!r}")
     yy, xx = _grid(height, width)
     # Shared smooth noise fields (different places of a field are independent enough).
     coarse = _smooth_noise(rng, height, width, 12)
     fine = _smooth_noise(rng, height, width, 3)
     fibres = _smooth_noise(rng, height, width, 24, 2.5)
-    strips = _draw_strips(rng, width, height)
+    strips = _draw_strips(rng, width, height, wide=task == "context")
     tissue = np.zeros((height, width), bool)
     for strip in strips:
         tissue |= _strip_mask(rng, xx, yy, strip, 0.18 * coarse + 0.06 * fine)
+    labels = tissue.astype(np.uint8)
 
     # Stroma: pink, fibrous (noise stretched along x), a few nuclei.
     image = np.empty((height, width, 3), np.float32)
@@ -218,24 +334,55 @@ def render_biopsy(
     _paint(image, gland, _EPITHELIUM)
     _paint(image, gland & (ratio > 0.72) & nucleus, _NUCLEUS)
     _paint(image, gland & (ratio < 0.5), _LUMEN)
+    labels[gland] = 2
 
-    # Tumour: one or two regions of the primary pattern, one smaller of the secondary.
-    tumour = np.zeros_like(tissue)
-    if primary:
-        patterns = [primary] * (1 + int(rng.random() < 0.4))
-        if secondary and secondary != primary:
-            patterns.append(secondary)
+    def paint(region: np.ndarray, pattern: int) -> None:
+        looks = _LOOKS["plain" if task == "plain" else "morphology"]
+        _paint_tumour(rng, image, region, looks[pattern], pattern, fine, nucleus, nucleus_draw)
+
+    cancer = primary > 0
+    if task == "plain":  # tumour: one or two regions of the primary, one smaller of the secondary
+        patterns = _region_patterns(rng, primary, secondary) if cancer else []
         for number, pattern in enumerate(patterns):
             shrink = 0.7 if number and pattern != primary else 1.0
             region = _tumour_region(rng, xx, yy, strips, tissue, shrink, coarse)
-            tumour |= region
-            _paint_tumour(rng, image, region, pattern, fine, nucleus, nucleus_draw)
+            paint(region, pattern)
+            labels[region] = pattern
+    else:  # a negative gets a phantom grade: its dark regions are drawn like a positive's
+        if not cancer:
+            primary, secondary = _phantom_grade(rng)
+        if task == "local":
+            patterns = _region_patterns(rng, primary, secondary)
+            n_tumour = len(patterns) if cancer else 0
+            patterns += [int(rng.choice(patterns)) for _ in range(int(rng.integers(0, 3)))]
+            for number, pattern in enumerate(patterns):
+                shrink = 0.7 if number and pattern != primary else 1.0
+                region = _tumour_region(rng, xx, yy, strips, tissue, shrink, coarse)
+                paint(region, pattern)
+                if number < n_tumour:
+                    labels[region] = pattern
+                else:  # the mimic: same cells, same amounts, no architecture
+                    _shuffle_blocks(rng, image, region, MIMIC_BLOCK)
+                    labels[region] = 1
+        else:
+            for region in _context_regions(rng, xx, yy, tissue, cancer):
+                paint(region, primary)
+                labels[region] = primary if cancer else 2
 
     # Per-image stain variation, inside the tissue only (the background stays unsaturated).
     stain = 1 + rng.normal(0, 0.025, 3).astype(np.float32)
     image[tissue] *= stain
     pixels = np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8)
-    return (pixels, tissue, tumour) if return_masks else pixels
+    return pixels, labels
+
+
+def _region_patterns(rng: np.random.Generator, primary: int, secondary: int) -> list[int]:
+    """The patterns of a cancer's tumour regions: the primary once or twice, the secondary once
+    when it differs."""
+    patterns = [primary] * (1 + int(rng.random() < 0.4))
+    if secondary and secondary != primary:
+        patterns.append(secondary)
+    return patterns
 
 
 def write_slide(
@@ -270,16 +417,27 @@ class _Strip:
     bend_phase: float
 
 
-def _draw_strips(rng: np.random.Generator, width: int, height: int) -> list[_Strip]:
-    n_strips = int(rng.choice([1, 2, 2, 3]))
+def _draw_strips(
+    rng: np.random.Generator, width: int, height: int, wide: bool = False
+) -> list[_Strip]:
+    """One to three needle biopsies; ``wide``: one broad, nearly straight fragment filling most
+    of the image (the context task), whole inside it."""
+    n_strips = 1 if wide else int(rng.choice([1, 2, 2, 3]))
     band = height / n_strips
     strips = []
     for number in range(n_strips):
-        half_width = height * rng.uniform(0.075, 0.11)
-        max_angle = 30.0 if n_strips == 1 else 10.0
-        angle = np.deg2rad(rng.uniform(-max_angle, max_angle))
-        half_length = width * rng.uniform(0.22, 0.42)
-        reach_x = half_length * abs(np.cos(angle)) + half_width
+        if wide:
+            half_width = height * rng.uniform(0.28, 0.32)
+            angle = np.deg2rad(rng.uniform(-3.0, 3.0))
+            half_length = width * rng.uniform(0.30, 0.42)
+            # its ends reach up to 12% further where the edge noise is high
+            reach_x = 1.12 * half_length * abs(np.cos(angle)) + half_width * abs(np.sin(angle))
+        else:
+            half_width = height * rng.uniform(0.075, 0.11)
+            max_angle = 30.0 if n_strips == 1 else 10.0
+            angle = np.deg2rad(rng.uniform(-max_angle, max_angle))
+            half_length = width * rng.uniform(0.22, 0.42)
+            reach_x = half_length * abs(np.cos(angle)) + half_width
         cx = rng.uniform(reach_x, max(reach_x + 1, width - reach_x))
         cy = band * (number + 0.5) + rng.uniform(-0.15, 0.15) * band
         reach_y = half_length * abs(np.sin(angle)) + 2 * half_width
@@ -291,7 +449,7 @@ def _draw_strips(rng: np.random.Generator, width: int, height: int) -> list[_Str
                 angle=float(angle),
                 half_length=float(half_length),
                 half_width=float(half_width),
-                bend=float(half_width * rng.uniform(0.0, 0.8)),
+                bend=float(half_width * rng.uniform(0.0, 0.1 if wide else 0.8)),
                 bend_period=float(width * rng.uniform(0.5, 1.2)),
                 bend_phase=float(rng.uniform(0, 2 * np.pi)),
             )
@@ -358,10 +516,78 @@ def _tumour_region(
     return region
 
 
+def _phantom_grade(rng: np.random.Generator) -> tuple[int, int]:
+    """A (primary, secondary) drawn like a positive case's, for a negative's dark regions."""
+    primary = int(rng.choice(list(PATTERN_WEIGHTS), p=_PATTERN_P))
+    return primary, int(rng.choice(_SECONDARY[primary]))
+
+
+def _shuffle_blocks(
+    rng: np.random.Generator, image: np.ndarray, region: np.ndarray, block: int
+) -> None:
+    """Permute the ``block x block`` pixel blocks that lie wholly inside ``region``: the colours
+    and every view at ``1 / block`` of the resolution stay the same, the architecture goes."""
+    rows, cols = np.nonzero(region)
+    if rows.size == 0:
+        return
+    y0, x0 = int(rows.min()), int(cols.min())
+    ny, nx = (int(rows.max()) + 1 - y0) // block, (int(cols.max()) + 1 - x0) // block
+    if ny == 0 or nx == 0:
+        return
+    box = np.s_[y0 : y0 + ny * block, x0 : x0 + nx * block]
+    pixels = image[box].reshape(ny, block, nx, block, 3).transpose(0, 2, 1, 3, 4).copy()
+    inside = region[box].reshape(ny, block, nx, block).all(axis=(1, 3))
+    chosen = pixels[inside]
+    pixels[inside] = chosen[rng.permutation(len(chosen))]
+    image[box] = pixels.transpose(0, 2, 1, 3, 4).reshape(ny * block, nx * block, 3)
+
+
+def _context_regions(
+    rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, tissue: np.ndarray, cancer: bool
+) -> list[np.ndarray]:
+    """Context task: two round foci :data:`CONTEXT_FOCUS` x the image height across, at random
+    places in the fragment. Benign: at least :data:`CONTEXT_GAP` x the height apart (edge to
+    edge). Cancer: the two fused into one focus about twice as long, at one of the two places
+    (centres 0.7 fused radii from its middle, radii 5% larger: about the same area)."""
+    height, width = tissue.shape
+    radius = CONTEXT_FOCUS * height / 2
+    apart = 2 * radius + CONTEXT_GAP * height
+    room = ndimage.distance_transform_edt(tissue)
+    fits = room >= radius
+    if not fits.any():
+        fits = room >= room.max() * 0.9
+
+    def pick(allowed: np.ndarray) -> tuple[float, float]:
+        rows, cols = np.nonzero(allowed)
+        index = int(rng.integers(len(rows)))
+        return float(rows[index]), float(cols[index])
+
+    for _ in range(_CONTEXT_TRIES):  # a first focus that leaves room for the second
+        first = pick(fits)
+        away = fits & ((yy - first[0]) ** 2 + (xx - first[1]) ** 2 >= apart**2)
+        if away.any():
+            break
+    second = pick(away if away.any() else fits)
+    foci = [(*first, radius), (*second, radius)]
+    if cancer:  # fused at one of the two places (at random): both stay equally likely
+        cy, cx, _ = foci[int(rng.integers(2))]
+        fused = 1.05 * radius
+        turn = rng.uniform(-0.35, 0.35)  # two discs 1.4 fused radii apart, along the fragment
+        dy, dx = 0.7 * fused * np.sin(turn), 0.7 * fused * np.cos(turn)
+        foci = [(cy - dy, cx - dx, fused), (cy + dy, cx + dx, fused)]
+    regions = []
+    for cy, cx, focus in foci:
+        edge = _smooth_noise(rng, height, width, 10)
+        distance = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2) / np.float32(focus)
+        regions.append(tissue & (distance + 0.12 * edge < 1))
+    return [regions[0] | regions[1]] if cancer else regions
+
+
 def _paint_tumour(
     rng: np.random.Generator,
     image: np.ndarray,
     region: np.ndarray,
+    look: _Look,
     pattern: int,
     noise: np.ndarray,
     nucleus: np.ndarray,
@@ -369,23 +595,23 @@ def _paint_tumour(
 ) -> None:
     height, width = region.shape
     _paint(image, region, _TUMOUR_STROMA)
-    if pattern == 3:  # small, separate, well-formed glands with tiny lumina
-        ratio, draw = _lattice(rng, height, width, 8.5, (2.8, 3.8), 0.7)
+    if pattern == 3:  # small, separate, well-formed glands with lumina
+        ratio, draw = _lattice(rng, height, width, look.spacing, look.radius, look.jitter)
         ratio += 0.1 * noise
-        gland = region & (draw < 0.85) & (ratio < 1)
+        gland = region & (draw < look.presence) & (ratio < 1)
         _paint(image, gland, _TUMOUR_CYTOPLASM)
-        _paint(image, gland & (ratio > 0.55) & (nucleus_draw < 0.8), _TUMOUR_NUCLEUS)
-        _paint(image, gland & (ratio < 0.35), _TUMOUR_LUMEN)
+        _paint(image, gland & (ratio > look.rim) & (nucleus_draw < 0.8), _TUMOUR_NUCLEUS)
+        _paint(image, gland & (ratio < look.lumen), _TUMOUR_LUMEN)
     elif pattern == 4:  # fused, cribriform blobs with punched-out lumina
         blob = region & (np.roll(noise, 11, axis=0) > -0.9)
         _paint(image, blob, _TUMOUR_CYTOPLASM)
         _paint(image, blob & nucleus & (nucleus_draw < 0.6), _TUMOUR_NUCLEUS)
-        ratio, draw = _lattice(rng, height, width, 5.5, (1.0, 1.6), 1.0)
-        _paint(image, blob & (ratio < 1) & (draw < 0.7), _TUMOUR_LUMEN)
+        ratio, draw = _lattice(rng, height, width, look.spacing, look.radius, look.jitter)
+        _paint(image, blob & (ratio < 1) & (draw < look.presence), _TUMOUR_LUMEN)
     else:  # pattern 5: solid sheets of dark nuclei, no lumina
         _paint(image, region, _TUMOUR_CYTOPLASM * 0.85)
-        ratio, draw = _lattice(rng, height, width, 3.0, (0.9, 1.25), 0.3)
-        _paint(image, region & (ratio < 1) & (draw < 0.85), _TUMOUR_NUCLEUS * 0.9)
+        ratio, draw = _lattice(rng, height, width, look.spacing, look.radius, look.jitter)
+        _paint(image, region & (ratio < 1) & (draw < look.presence), _TUMOUR_NUCLEUS * 0.9)
 
 
 def _paint(image: np.ndarray, where: np.ndarray, colour: np.ndarray) -> None:

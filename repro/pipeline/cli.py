@@ -4,7 +4,8 @@
   the numbered notebooks (``--verbose`` also shows papermill's log and the kernel's output).
 - ``python -m repro train streaming|mil params/full.yaml [--out DIR] [--no-progress]``: one
   method's training outside the notebooks, also under ``torchrun`` (README, multi-GPU).
-- ``python -m repro synth [params.yaml] ...``: a synthetic PANDA-format biopsy set.
+- ``python -m repro synth [params.yaml] [--task plain|local|context] ...``: a synthetic
+  PANDA-format biopsy set.
 
 Commands import what they need when they run, so ``run`` and ``synth`` start without torch.
 """
@@ -16,6 +17,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from repro.config import SYNTHETIC_TASKS
 from repro.exceptions import ParamsError
 from repro.pipeline.runner import NotebookFailedError, run_pipeline
 
@@ -45,6 +47,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     synth.add_argument("--images", type=int, help="number of biopsies (data.synthetic_images)")
     synth.add_argument("--size", type=int, help="level-0 width in px (data.synthetic_size)")
     synth.add_argument("--seed", type=int, help="random seed (run.seed)")
+    synth.add_argument(
+        "--task",
+        choices=SYNTHETIC_TASKS,
+        help="what separates the classes (data.synthetic_task; default plain)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "synth":
@@ -71,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    """``python -m repro synth [params.yaml] [--out DIR] [--images N] [--size PX] [--seed S]``."""
+    """``python -m repro synth [params.yaml] [--out DIR] [--images N] [--size PX] [--seed S]
+    [--task T]``."""
     from repro.config import load_params, resolve_path
     from repro.data.synthetic import generate_synthetic_panda
 
@@ -83,9 +91,13 @@ def _synth(args: argparse.Namespace) -> int:
         images = args.images if args.images is not None else params.data.synthetic_images
         size = args.size if args.size is not None else params.data.synthetic_size
         seed = args.seed if args.seed is not None else (params.run.seed if params else 0)
-        root = generate_synthetic_panda(resolve_path(out), images, size, seed)
+        task = args.task or (params.data.synthetic_task if params else "plain")
+        root = generate_synthetic_panda(resolve_path(out), images, size, seed, task)
     except (ParamsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"synthetic PANDA-format set ({images} biopsies, {size} px, seed {seed}): {root}")
+    print(
+        f"synthetic PANDA-format set ({task} task, {images} biopsies, {size} px, seed {seed}): "
+        f"{root}"
+    )
     return 0

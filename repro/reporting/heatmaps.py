@@ -9,6 +9,7 @@ its area (:func:`patch_probability_map`, the one place that paints it).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
@@ -100,6 +101,34 @@ def choose_examples(predictions: dict[str, pd.DataFrame], count: int) -> list[st
     return [*positives["image_id"], *negatives["image_id"]][:count]
 
 
+def method_heatmaps(
+    params: Params,
+    image_ids: list[str],
+    predictions: dict[str, pd.DataFrame],
+    patches: pd.DataFrame | None,
+    model: nn.Module | None = None,
+) -> Iterator[tuple[str, np.ndarray | None, np.ndarray | None]]:
+    """Per image, ``(image_id, reduced SmoothGrad map, MIL patch-probability map)``: the
+    SmoothGrad map computed or from the cache (the final streaming model is loaded on the first
+    cache miss when ``model`` is None; None without streaming predictions), the MIL map None
+    without patch scores for the image."""
+    set_torch_threads(params.run.torch_threads)
+    size = params.evaluation.heatmap_size
+    image_shape = (params.data.input_size, params.data.input_size)
+    for image_id in image_ids:
+        reduced = cached_smoothgrad_map(params, image_id)
+        if reduced is None and "streaming" in predictions:
+            if model is None:
+                model = load_final_model(params)
+            reduced = smoothgrad_map(params, model, image_id)
+        mil_map = None
+        if patches is not None:
+            mine = patches[patches["image_id"] == image_id]
+            if len(mine):
+                mil_map = patch_probability_map(mine, image_shape, params.mil.patch_size, size)
+        yield image_id, reduced, mil_map
+
+
 def heatmap_examples(
     params: Params,
     image_ids: list[str],
@@ -107,25 +136,14 @@ def heatmap_examples(
     patches: pd.DataFrame | None,
     model: nn.Module | None = None,
 ) -> list[HeatmapExample]:
-    """:class:`HeatmapExample` per image: thumbnail, SmoothGrad map (computed or
-    from the cache; the final streaming model is loaded on the first cache miss when ``model`` is
-    None) and MIL patch probabilities (None without patch scores)."""
-    set_torch_threads(params.run.torch_threads)
-    size = params.evaluation.heatmap_size
+    """:class:`HeatmapExample` per image: thumbnail, SmoothGrad map and MIL patch probabilities
+    (:func:`method_heatmaps`)."""
     image_shape = (params.data.input_size, params.data.input_size)
+    size = params.evaluation.heatmap_size
     examples = []
-    for image_id in image_ids:
-        reduced = cached_smoothgrad_map(params, image_id)
-        if reduced is None and "streaming" in predictions:
-            if model is None:
-                model = load_final_model(params)
-            reduced = smoothgrad_map(params, model, image_id)
+    maps = method_heatmaps(params, image_ids, predictions, patches, model)
+    for image_id, reduced, mil_map in maps:
         shape = reduced.shape if reduced is not None else heatmap_shape(*image_shape, size)
-        mil_map = None
-        if patches is not None:
-            mine = patches[patches["image_id"] == image_id]
-            if len(mine):
-                mil_map = patch_probability_map(mine, image_shape, params.mil.patch_size, size)
         examples.append(
             HeatmapExample(
                 image_id=image_id,

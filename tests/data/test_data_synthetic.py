@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 import pyvips
+from scipy import ndimage
 
+from repro.data.masks import read_label_mask
 from repro.data.prepare import parse_gleason
 from repro.data.slides import open_slide
-from repro.data.synthetic import generate_synthetic_panda, render_biopsy, synthetic_cases
+from repro.data.synthetic import (
+    CONTEXT_FOCUS,
+    CONTEXT_GAP,
+    MIMIC_BLOCK,
+    _context_regions,
+    _shuffle_blocks,
+    generate_synthetic_panda,
+    render_biopsy,
+    render_case,
+    synthetic_cases,
+)
+from repro.layout import PandaLayout
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +73,16 @@ def test_deterministic_and_idempotent(raw_set, tmp_path):
 
 def test_missing_image_is_regenerated(raw_set, tmp_path):
     root = generate_synthetic_panda(tmp_path / "partial", n_images=12, size=512, seed=7)
-    victim = sorted((root / "train_images").glob("*.tiff"))[3]
+    raw = PandaLayout(root)
+    victim = sorted(raw.images.glob("*.tiff"))[3]
     victim.unlink()
-    (root / "train_images" / f".{victim.name}.x1y2.tmp").write_bytes(b"half")
+    (raw.images / f".{victim.name}.x1y2.tmp").write_bytes(b"half")
+    mask = sorted(raw.label_masks.glob("*.tiff"))[5]
+    mask.unlink()
     generate_synthetic_panda(root, n_images=12, size=512, seed=7)
     assert victim.read_bytes() == (raw_set / "train_images" / victim.name).read_bytes()
-    assert not list((root / "train_images").glob(".*.tmp"))
+    assert mask.read_bytes() == (raw_set / "train_label_masks" / mask.name).read_bytes()
+    assert not list(raw.images.glob(".*.tmp"))
 
 
 def test_seed_changes_the_set():
@@ -104,3 +123,82 @@ def test_patterns_look_different():
         stats[pattern] = ((values.min(1) > 200).mean(), values.mean())
     assert stats[5][0] < 0.01 < stats[4][0]  # pattern 5: no lumina
     assert stats[5][1] < stats[3][1]  # pattern 5: darkest
+
+
+def test_label_masks_in_pandas_layout(raw_set):
+    """train_label_masks/<id>_mask.tiff: the slide's pyramid, Radboud values in the red channel,
+    tumour (>= 3) exactly in the cancers, nearest neighbour on every page."""
+    raw = PandaLayout(raw_set)
+    table = pd.read_csv(raw.labels, dtype={"image_id": str})
+    for image_id, score in zip(table["image_id"], table["gleason_score"], strict=True):
+        slide, mask = open_slide(raw.image(image_id)), open_slide(raw.label_mask(image_id))
+        sizes = [(lv.width, lv.height) for lv in slide.levels]
+        assert [(lv.width, lv.height) for lv in mask.levels] == sizes
+        assert sizes == [(512, 256), (128, 64), (32, 16)]  # PANDA: 1, 1/4, 1/16
+        rgb = pyvips.Image.new_from_file(str(raw.label_mask(image_id))).numpy()
+        assert rgb.shape[2] == 3 and not rgb[..., 1:].any()  # label in red, like PANDA
+        labels = read_label_mask(raw.label_mask(image_id))
+        values = set(np.unique(labels).tolist())
+        assert values <= {0, 1, 2, 3, 4, 5} and {0, 1, 2} <= values
+        label, primary = parse_gleason(score)
+        assert (labels >= 3).any() == bool(label)
+        assert not label or primary in values
+        assert set(np.unique(read_label_mask(raw.label_mask(image_id), level=-1))) <= values
+
+
+def test_a_set_from_before_the_tasks_is_plain(raw_set, tmp_path):
+    root = generate_synthetic_panda(tmp_path / "old", n_images=12, size=512, seed=7)
+    info = root / "synthetic.json"
+    info.write_text(json.dumps({"n_images": 12, "size": 512, "seed": 7, "version": 1}))
+    generate_synthetic_panda(root, n_images=12, size=512, seed=7, task="plain")
+    with pytest.raises(ValueError, match="delete the folder"):
+        generate_synthetic_panda(root, n_images=12, size=512, seed=7, task="local")
+    with pytest.raises(ValueError, match="task must be one of"):
+        generate_synthetic_panda(tmp_path / "x", n_images=12, size=512, seed=7, task="global")
+
+
+def test_mimics_match_tumour_in_colour_not_in_architecture():
+    """Local task: a mimic is the tumour's texture with its blocks shuffled (the same colours
+    exactly, another arrangement); negatives carry mimics, labelled stroma."""
+    pixels, labels = render_case(np.random.default_rng(3), 768, 384, 0, 0, "local")
+    dark = (labels == 1) & (pixels.astype(int).sum(axis=2) < 450)
+    assert dark.sum() > 500 and not (labels >= 3).any()
+
+    pixels, labels = render_case(np.random.default_rng(4), 768, 384, 3, 3, "local")
+    tumour = labels == 3
+    image = pixels.astype(np.float32)
+    mimic = image.copy()
+    _shuffle_blocks(np.random.default_rng(0), mimic, tumour, MIMIC_BLOCK)
+    assert (mimic[~tumour] == image[~tumour]).all()
+    before, after = image[tumour].reshape(-1, 3), mimic[tumour].reshape(-1, 3)
+    assert (np.sort(before, axis=0) == np.sort(after, axis=0)).all()  # same colours
+    assert np.abs(after - before).mean() > 20  # moved
+
+
+def test_context_foci_apart_or_fused_inside_a_whole_fragment():
+    """Context task: benign, two foci at least CONTEXT_GAP x the height apart; cancer, one focus
+    about twice as long and of about the same area, labelled with its pattern; the fragment lies
+    whole inside the image (no tissue on its border)."""
+    height, width = 192, 384
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    areas, lengths = {False: [], True: []}, {False: [], True: []}
+    for index in range(12):
+        cancer = bool(index % 2)
+        pattern = 4 if cancer else 0
+        rng = np.random.default_rng([9, index])
+        _, labels = render_case(rng, width, height, pattern, pattern, "context")
+        tissue = labels > 0
+        assert not (tissue[[0, -1]].any() or tissue[:, [0, -1]].any())
+        assert (labels >= 3).any() == cancer
+        regions = _context_regions(rng, xx, yy, tissue, cancer)
+        assert len(regions) == (1 if cancer else 2)
+        if not cancer:
+            gap = ndimage.distance_transform_edt(~regions[0])[regions[1]].min()
+            assert gap >= 0.7 * CONTEXT_GAP * height  # noisy edges take a little
+        for region in regions:
+            columns = np.nonzero(region.any(axis=0))[0]
+            lengths[cancer].append(columns.max() - columns.min())
+        areas[cancer].append(sum(region.sum() for region in regions))
+    assert np.mean(areas[True]) == pytest.approx(np.mean(areas[False]), rel=0.25)
+    assert np.mean(lengths[True]) > 1.6 * np.mean(lengths[False])
+    assert np.mean(lengths[False]) == pytest.approx(CONTEXT_FOCUS * height, rel=0.2)

@@ -7,7 +7,7 @@ import openslide
 import pytest
 import pyvips
 
-from repro.data.slides import PANDA_DOWNSAMPLES, open_slide, save_pyramid
+from repro.data.slides import PANDA_DOWNSAMPLES, nearest_shrink, open_slide, save_pyramid
 from repro.data.synthetic import generate_synthetic_panda
 from repro.data.tiff import join_pages, read_directories
 
@@ -44,6 +44,43 @@ def test_panda_layout_pages_and_resolution_tags(tmp_path):
     # Page 1 is the 4x4 box average of the image (then JPEG at Q90).
     expected = _image().shrink(4, 4).numpy().astype(int)
     assert np.abs(slide.read_level(1).numpy().astype(int) - expected).mean() < 6
+
+
+@pytest.mark.parametrize("layout", ["panda", "halving"])
+def test_label_pyramids_are_lossless_and_nearest(tmp_path, layout):
+    """``labels=True``: deflate instead of JPEG, and every page holds label values only (the
+    centre pixel of each block), at the sizes the image's pages have."""
+    labels = np.random.default_rng(1).integers(0, 6, (300, 1000), dtype=np.uint8)
+    image = pyvips.Image.new_from_array(labels)
+    image = image.bandjoin([image, image]).copy(interpretation="srgb")
+    path, reference = tmp_path / "labels.tiff", tmp_path / "image.tiff"
+    save_pyramid(image, path, mpp=0.48, layout=layout, labels=True)
+    save_pyramid(image, reference, mpp=0.48, layout=layout)
+    pages, image_pages = read_directories(path), read_directories(reference)
+    assert [(p.width, p.height) for p in pages] == [(p.width, p.height) for p in image_pages]
+    assert all(p.tiled and p.compression == 8 for p in pages)  # tiled deflate
+    page0 = pyvips.Image.new_from_file(str(path), page=0).numpy()[..., 0]
+    np.testing.assert_array_equal(page0, labels)
+    for index in range(1, len(pages)):
+        page = pyvips.Image.new_from_file(str(path), page=index).numpy()[..., 0]
+        assert set(np.unique(page).tolist()) <= set(range(6)), index
+    if layout == "panda":
+        page1 = pyvips.Image.new_from_file(str(path), page=1).numpy()[..., 0]
+        np.testing.assert_array_equal(page1, labels[2::4, 2::4])
+
+
+def test_nearest_shrink_takes_block_centres_at_the_shrink_size():
+    values = np.arange(50 * 1027, dtype=np.int32).reshape(50, 1027) % 251
+    image = pyvips.Image.new_from_array(values.astype(np.uint8))
+    for factor in (2, 4, 16):
+        shrunk = nearest_shrink(image, factor)
+        assert (shrunk.width, shrunk.height) == (
+            image.shrink(factor, factor).width,
+            image.shrink(factor, factor).height,
+        )
+        inside = values[factor // 2 :: factor, factor // 2 :: factor]
+        rows, cols = inside.shape
+        np.testing.assert_array_equal(shrunk.numpy()[:rows, :cols], inside)
 
 
 def test_synthetic_raw_slides_have_pandas_layout(tmp_path):
