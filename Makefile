@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name streaming-repro --display-name "streaming-repro"
 	touch $(STAMP)
 
+# Two pytest-xdist workers, each running whole test files: most tests use one thread, so two share the 2 cores.
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 demo: install
 	$(PY) -m repro run params/demo.yaml params/demo-half.yaml

@@ -5,6 +5,7 @@ MIL tests (prepared once per session), and evaluated runs for the evaluation and
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,14 @@ def mil_params(make_params, mil_dataset, tmp_path) -> MakeParams:
         return params
 
     return make
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``make test`` runs two workers) each worker takes its share of the
+    cores, so that the workers' torch threads do not outnumber them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture

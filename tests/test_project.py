@@ -1,5 +1,6 @@
 """Project hygiene: pins agree, notebooks are clean with a parameters cell, lint is clean."""
 
+import json
 import re
 import subprocess
 import sys
@@ -54,7 +55,10 @@ def test_the_seven_notebooks_exist_in_order():
 
 @pytest.mark.parametrize("name", EXPECTED_NOTEBOOKS)
 def test_notebook_is_clean_and_parameterised(name):
-    notebook = nbformat.read(PROJECT_ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+    path = PROJECT_ROOT / "notebooks" / f"{name}.ipynb"
+    cells = json.loads(path.read_text())["cells"]
+    assert all("id" in cell for cell in cells), f"{name}: a cell has no id (nbformat 4.5)"
+    notebook = nbformat.read(path, as_version=4)
     nbformat.validate(notebook)
     assert notebook.cells[0].cell_type == "markdown"
     tagged = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
