@@ -145,6 +145,22 @@ def one_thread():
 # ----------------------------------------------------------------------------- evaluated runs
 
 
+@pytest.fixture
+def predictions() -> dict[str, pd.DataFrame]:
+    """Seven test biopsies of both methods, with known errors (Table III, the labeller)."""
+    # Streaming: max accuracy at >= 0.6 (6/7, see test_metrics): one false negative (c, 0.35).
+    streaming = pd.DataFrame(
+        {
+            "image_id": list("abcdefg"),
+            "label": [0, 0, 1, 0, 1, 1, 1],
+            "score": [0.1, 0.2, 0.35, 0.4, 0.6, 0.8, 0.9],
+        }
+    )
+    # MIL: two negatives above every positive but one: threshold 0.5, 5/7 (b, d FP; none FN).
+    mil = streaming.assign(score=[0.3, 0.95, 0.5, 0.9, 0.6, 0.7, 0.8])
+    return {"streaming": streaming, "mil": mil}
+
+
 def _fake_predictions(n=60, separation=2.0, seed=0, ids=None) -> pd.DataFrame:
     """Test predictions (image_id, label, score) of ``n`` biopsies, half of them cancers."""
     rng = np.random.default_rng(seed)

@@ -25,21 +25,6 @@ from repro.evaluation.errors import (
 )
 
 
-@pytest.fixture
-def predictions():
-    # Max accuracy at >= 0.6 (6/7, see test_metrics): one false negative (c, 0.35).
-    streaming = pd.DataFrame(
-        {
-            "image_id": list("abcdefg"),
-            "label": [0, 0, 1, 0, 1, 1, 1],
-            "score": [0.1, 0.2, 0.35, 0.4, 0.6, 0.8, 0.9],
-        }
-    )
-    # MIL: two negatives above every positive but one: threshold 0.5, 5/7 (b, d FP; none FN).
-    mil = streaming.assign(score=[0.3, 0.95, 0.5, 0.9, 0.6, 0.7, 0.8])
-    return {"streaming": streaming, "mil": mil}
-
-
 def test_find_errors_orders_most_confident_first():
     frame = pd.DataFrame(
         {"image_id": list("abcde"), "label": [0, 0, 1, 1, 0], "score": [0.7, 0.9, 0.1, 0.3, 0.2]}

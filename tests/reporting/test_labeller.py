@@ -1,26 +1,8 @@
 """repro.reporting.labeller: notebook 07's form that sorts the errors into Table III's
 categories and saves each label at once."""
 
-import pandas as pd
-import pytest
-
 from repro.evaluation.errors import OTHER, errors_at_max_accuracy, load_labels
 from repro.reporting.labeller import labeller
-
-
-@pytest.fixture
-def predictions():
-    # Max accuracy at >= 0.6 (6/7, see test_metrics): one false negative (c, 0.35).
-    streaming = pd.DataFrame(
-        {
-            "image_id": list("abcdefg"),
-            "label": [0, 0, 1, 0, 1, 1, 1],
-            "score": [0.1, 0.2, 0.35, 0.4, 0.6, 0.8, 0.9],
-        }
-    )
-    # MIL: two negatives above every positive but one: threshold 0.5, 5/7 (b, d FP; none FN).
-    mil = streaming.assign(score=[0.3, 0.95, 0.5, 0.9, 0.6, 0.7, 0.8])
-    return {"streaming": streaming, "mil": mil}
 
 
 def test_labeller_builds_and_saves(predictions, tmp_path):
