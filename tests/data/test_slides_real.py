@@ -13,7 +13,7 @@ import openslide
 import pandas as pd
 import pytest
 
-from repro.config import build_params
+from repro.config import Params, build_params
 from repro.data.prepare import prepare_dataset
 from repro.data.slides import SlideError, open_slide
 from repro.data.synthetic import render_biopsy, write_slide
@@ -107,6 +107,13 @@ def test_later_read_failure_names_file_level_and_region(copies, backend):
     assert f"with {backend}" in message
 
 
+def _csv_params(copies: Path, experiment: str, **data: object) -> Params:
+    """Params that prepare ``copies/dataset.csv`` to 1024 px in this process, plus ``data``."""
+    csv = {"source": "csv", "csv_path": str(copies / "dataset.csv")}
+    csv |= {"prepared_dir": str(copies / "prepared"), "input_size": 1024, "tissue_downsample": 8}
+    return build_params({"experiment": experiment, "data": csv | data, "run": {"num_workers": 0}})
+
+
 def test_preparing_a_folder_of_mixed_files(copies):
     """PANDA-layout TIFF, CMU-1, TCGA (mpp from the CSV) and broken.svs, listed in a CSV: every
     readable one is prepared, the failure is recorded in the manifest."""
@@ -119,20 +126,7 @@ def test_preparing_a_folder_of_mixed_files(copies):
             "mpp": [None, None, 0.5, None, None],
         }
     ).to_csv(copies / "dataset.csv", index=False)
-    params = build_params(
-        {
-            "experiment": "mixed",
-            "data": {
-                "source": "csv",
-                "csv_path": str(copies / "dataset.csv"),
-                "prepared_dir": str(copies / "prepared"),
-                "input_size": 1024,
-                "tissue_downsample": 8,
-                "tissue_min_object_px": 1,
-            },
-            "run": {"num_workers": 0},
-        }
-    )
+    params = _csv_params(copies, "mixed", tissue_min_object_px=1)
     manifest = prepare_dataset(params, progress=False).set_index("image_id")
     assert list(manifest.index) == ["panda", CMU.stem, TCGA.stem, "broken", "absent"]
     ok = manifest.loc[manifest["status"] == "ok"]
@@ -153,20 +147,7 @@ def test_forcing_a_backend_through_the_params(copies):
     pd.DataFrame({"slide": [CMU.name, TCGA.name], "label": [0, 1], "mpp": [None, 0.5]}).to_csv(
         copies / "dataset.csv", index=False
     )
-    params = build_params(
-        {
-            "experiment": "forced",
-            "data": {
-                "source": "csv",
-                "csv_path": str(copies / "dataset.csv"),
-                "prepared_dir": str(copies / "prepared"),
-                "input_size": 1024,
-                "tissue_downsample": 8,
-                "slide_backend": "pyvips",
-            },
-            "run": {"num_workers": 0},
-        }
-    )
+    params = _csv_params(copies, "forced", slide_backend="pyvips")
     manifest = prepare_dataset(params, progress=False).set_index("image_id")
     assert manifest.loc[CMU.stem, "status"] == "ok"
     assert manifest.loc[CMU.stem, "backend"] == "pyvips"
