@@ -123,6 +123,12 @@ def test_patch_table_matches_the_grid_and_is_cached(mil_params, monkeypatch):
     pd.testing.assert_frame_equal(patch_table(rows, params.prepared, grid, files), table)
 
 
+def _train_patches(params):
+    """The patch table of the training split."""
+    grid = PatchGrid.from_settings(params.data, params.mil)
+    return patch_table(load_split(params, "train"), params.prepared, grid, params.layout.mil)
+
+
 def _patch_dataset(params, augment):
     augmentation = params.augmentation if augment else None
     return PatchDataset(params.prepared, params.mil.patch_size, augmentation, seed=params.run.seed)
@@ -130,12 +136,7 @@ def _patch_dataset(params, augment):
 
 def test_patch_dataset_reads_and_augments_per_patch(mil_params):
     params = mil_params()
-    table = patch_table(
-        load_split(params, "train"),
-        params.prepared,
-        PatchGrid.from_settings(params.data, params.mil),
-        params.layout.mil,
-    ).head(6)
+    table = _train_patches(params).head(6)
     first = _patch_dataset(params, augment=True)
     second = _patch_dataset(params, augment=True)
     size = params.mil.patch_size
@@ -155,12 +156,7 @@ def test_patch_dataset_reads_and_augments_per_patch(mil_params):
 
 def test_patch_loader_with_spawned_workers_gives_the_same_batches(mil_params):
     params = mil_params()
-    table = patch_table(
-        load_split(params, "train"),
-        params.prepared,
-        PatchGrid.from_settings(params.data, params.mil),
-        params.layout.mil,
-    ).head(10)
+    table = _train_patches(params).head(10)
     keys = patch_keys(table, 1) + patch_keys(table, None)
     batches = {}
     for workers in (0, 2):
