@@ -28,11 +28,11 @@ What separates the classes is ``data.synthetic_task`` (:data:`repro.config.SYNTH
   6% (2-17%) of the tissue.
 - ``local``: the dark regions of a cancer are its tumour as in ``plain``, and zero to two further
   regions are benign **mimics**; a negative gets a "phantom" grade and as many regions, of the
-  same sizes and looks, all mimics. A mimic is the tumour texture of its pattern with its
-  2 x 2 px blocks (half a nucleus) shuffled (:func:`_shuffle_blocks`): exactly the tumour's
-  colours and the same mean colour in every 2 x 2 block, but no glands, rings or lumina, like
-  inflammation (Table III's main false positives). Tumour and mimic differ only in
-  high-resolution morphology.
+  same sizes and looks, all mimics. A mimic is the tumour texture of its pattern with its pixels
+  rearranged (:func:`_rearrange_as_mimic`): exactly the tumour's pixels (its colours, its mean
+  colour), laid out as light spots and dark dots that never touch, like inflammation (Table
+  III's main false positives), where tumour lines every lumen with dark nuclei. Tumour and mimic
+  differ only in high-resolution morphology.
 - ``context``: one broad tissue fragment holding the same amount of one pattern's texture in two
   round foci :data:`CONTEXT_FOCUS` x the image height across (140 px in the demo's 384 px high
   images). Benign: the foci lie at least :data:`CONTEXT_GAP` x the height apart (96 px, more
@@ -42,8 +42,8 @@ What separates the classes is ``data.synthetic_task`` (:data:`repro.config.SYNTH
 
 ``local`` and ``context`` have no colour or thumbnail shortcut (``tests/data/test_shortcuts.py``:
 logistic regressions on colour statistics, colour histograms and a 16 x 8 thumbnail stay near
-chance); their tumour textures have larger glands, lumina and nuclei than ``plain``'s, so that
-the morphology survives at 0.96 um/px, and their level 0 is the drawn image enlarged by pixel
+chance); their tumour textures (:func:`_paint_glandular_tumour`) have larger glands, lumina and
+nuclei than ``plain``'s, so that the morphology survives at 0.96 um/px, and their level 0 is the drawn image enlarged by pixel
 replication (``plain``: bilinear), so reading it back at 0.96 um/px gives the drawn pixels and no
 blur treats tumour and mimic differently.
 
@@ -97,8 +97,6 @@ ISUP = {
 
 _SECONDARY = {3: (3, 3, 4, 5), 4: (3, 4, 4, 5), 5: (4, 5, 5)}
 _PATTERN_P = np.array(list(PATTERN_WEIGHTS.values())) / sum(PATTERN_WEIGHTS.values())
-MIMIC_BLOCK = 2
-"""Side (px at 0.96 um/px, half a nucleus) of the blocks a mimic's pixels are shuffled in."""
 CONTEXT_FOCUS = 0.365
 """Context task: diameter of a focus, as a share of the image height (demo: 140 px at 0.96 um/px);
 a cancer's fused focus is about twice as long (280 px)."""
@@ -106,6 +104,9 @@ CONTEXT_GAP = 0.25
 """Context task: least distance between benign foci, edge to edge (their noisy edges take up to
 a fifth of it), as a share of the image height (demo: 96 px, more than a 64 px MIL patch)."""
 _CONTEXT_TRIES = 50
+_GENERATOR_VERSIONS = {"plain": 1, "local": 2, "context": 2}
+"""Version of each task's drawing, recorded in ``synthetic.json``: a set drawn by an older one
+is refused (local and context 2: glandular textures, rearranged mimics)."""
 _INFO_FILE = "synthetic.json"
 logger = logging.getLogger(__name__)
 
@@ -124,30 +125,37 @@ _TUMOUR_LUMEN = np.array([0.92, 0.88, 0.94], np.float32)
 
 @dataclass(frozen=True)
 class _Look:
-    """The lattice of a tumour pattern's texture (see :func:`_lattice`) and its thresholds."""
+    """The lattice of a tumour texture's round objects (see :func:`_lattice`) and its thresholds
+    on the lattice ratio (distance to the object's centre over its radius)."""
 
     spacing: float
     radius: tuple[float, float]
     jitter: float
     presence: float  # share of lattice objects drawn
-    rim: float = 0.0  # pattern 3: nuclei where the lattice ratio is above this
-    lumen: float = 0.0  # pattern 3: lumen where the lattice ratio is below this
+    rim: float = 0.0  # plain pattern 3: nuclei above this ratio; glandular: nuclei below it
+    lumen: float = 0.0  # lumen below this ratio
 
 
-_LOOKS = {
-    "plain": {
-        3: _Look(8.5, (2.8, 3.8), 0.7, 0.85, rim=0.55, lumen=0.35),
-        4: _Look(5.5, (1.0, 1.6), 1.0, 0.7),
-        5: _Look(3.0, (0.9, 1.25), 0.3, 0.85),
-    },
-    "morphology": {  # local and context: open lumina, larger nuclei
-        3: _Look(12.0, (4.2, 5.2), 0.8, 0.85, rim=0.6, lumen=0.45),
-        4: _Look(8.0, (2.2, 3.0), 0.8, 0.7),
-        5: _Look(5.0, (1.6, 2.2), 0.4, 0.9),
-    },
+_PLAIN_LOOKS = {
+    3: _Look(8.5, (2.8, 3.8), 0.7, 0.85, rim=0.55, lumen=0.35),
+    4: _Look(5.5, (1.0, 1.6), 1.0, 0.7),
+    5: _Look(3.0, (0.9, 1.25), 0.3, 0.85),
 }
-"""Tumour textures: ``plain``'s (the generator before issue 13) and the clearer ones of the local
-and context tasks."""
+"""Tumour textures of the ``plain`` task (the generator before issue 13, unchanged)."""
+_GLANDULAR_LOOKS = {
+    3: _Look(12.0, (4.2, 5.2), 0.8, 0.85, rim=0.75, lumen=0.4),  # separate glands
+    4: _Look(8.0, (2.6, 3.2), 0.6, 0.75, rim=1.0, lumen=0.5),  # cribriform lumina
+    5: _Look(5.0, (1.6, 2.2), 0.4, 0.9),  # the sheet's nuclei
+    "comedo": _Look(10.0, (1.5, 2.0), 1.0, 0.6, rim=1.0, lumen=0.55),  # pattern 5's necrosis
+}
+"""Tumour textures of the local and context tasks: every lumen is lined directly by dark
+nuclei (:func:`_paint_glandular_tumour`), the one arrangement a mimic never has."""
+_MIMIC_LIGHT = 0.8
+"""Mimic: pixels lighter than this (mean RGB in [0, 1]; tumour lumina) are its light spots."""
+_MIMIC_DARK = 0.35
+"""Mimic: pixels darker than this (tumour nuclei) are its dark dots."""
+_MIMIC_SEPARATION = 2
+"""Mimic: dark dots keep more than this many px (at 0.96 um/px) from every light spot."""
 
 
 @dataclass(frozen=True)
@@ -198,7 +206,7 @@ def generate_synthetic_panda(
         "size": int(size),
         "seed": int(seed),
         "task": task,
-        "version": 1,
+        "version": _GENERATOR_VERSIONS[task],
     }
     info_path = root / _INFO_FILE
     if info_path.exists():
@@ -337,8 +345,11 @@ def render_case(
     labels[gland] = 2
 
     def paint(region: np.ndarray, pattern: int) -> None:
-        looks = _LOOKS["plain" if task == "plain" else "morphology"]
-        _paint_tumour(rng, image, region, looks[pattern], pattern, fine, nucleus, nucleus_draw)
+        if task == "plain":
+            look = _PLAIN_LOOKS[pattern]
+            _paint_tumour(rng, image, region, look, pattern, fine, nucleus, nucleus_draw)
+        else:
+            _paint_glandular_tumour(rng, image, region, pattern, fine)
 
     cancer = primary > 0
     if task == "plain":  # tumour: one or two regions of the primary, one smaller of the secondary
@@ -361,8 +372,8 @@ def render_case(
                 paint(region, pattern)
                 if number < n_tumour:
                     labels[region] = pattern
-                else:  # the mimic: same cells, same amounts, no architecture
-                    _shuffle_blocks(rng, image, region, MIMIC_BLOCK)
+                else:  # the mimic: the same pixels, no lumen lined by nuclei
+                    _rearrange_as_mimic(rng, image, region)
                     labels[region] = 1
         else:
             for region in _context_regions(rng, xx, yy, tissue, cancer):
@@ -522,24 +533,45 @@ def _phantom_grade(rng: np.random.Generator) -> tuple[int, int]:
     return primary, int(rng.choice(_SECONDARY[primary]))
 
 
-def _shuffle_blocks(
-    rng: np.random.Generator, image: np.ndarray, region: np.ndarray, block: int
-) -> None:
-    """Permute the ``block x block`` pixel blocks that lie wholly inside ``region``: the colours
-    and every view at ``1 / block`` of the resolution stay the same, the architecture goes."""
+def _rearrange_as_mimic(rng: np.random.Generator, image: np.ndarray, region: np.ndarray) -> None:
+    """Rearrange the pixels of ``region`` (a tumour texture) into a benign mimic, in place.
+
+    The region keeps exactly its pixels (so its colour histogram and its mean colour), but they
+    are laid out anew: the light ones (lumina) as round spots, the dark ones (nuclei) as small
+    dots kept more than :data:`_MIMIC_SEPARATION` px from every light spot, the rest between
+    them, like inflammation or crowded benign cells. A tumour lines each lumen with dark nuclei;
+    the mimic never puts light and dark side by side, so only the high-resolution arrangement
+    tells them apart.
+    """
     rows, cols = np.nonzero(region)
     if rows.size == 0:
         return
-    y0, x0 = int(rows.min()), int(cols.min())
-    ny, nx = (int(rows.max()) + 1 - y0) // block, (int(cols.max()) + 1 - x0) // block
-    if ny == 0 or nx == 0:
-        return
-    box = np.s_[y0 : y0 + ny * block, x0 : x0 + nx * block]
-    pixels = image[box].reshape(ny, block, nx, block, 3).transpose(0, 2, 1, 3, 4).copy()
-    inside = region[box].reshape(ny, block, nx, block).all(axis=(1, 3))
-    chosen = pixels[inside]
-    pixels[inside] = chosen[rng.permutation(len(chosen))]
-    image[box] = pixels.transpose(0, 2, 1, 3, 4).reshape(ny * block, nx * block, 3)
+    height, width = region.shape
+    pixels = image[rows, cols]
+    lightness = pixels.mean(axis=1)
+    by_lightness = np.argsort(lightness, kind="stable")
+    n_dark = int((lightness < _MIMIC_DARK).sum())
+    n_light = int((lightness > _MIMIC_LIGHT).sum())
+    jitter = 1e-3 * rng.random(rows.size)  # ties broken at random
+    spots, _ = _lattice(rng, height, width, 9.0, (2.0, 3.0), 1.5)
+    light_at = np.argsort(spots[rows, cols] + jitter)[:n_light]
+    near_light = np.zeros_like(region)
+    near_light[rows[light_at], cols[light_at]] = True
+    near_light = ndimage.binary_dilation(near_light, iterations=_MIMIC_SEPARATION)
+    dots, _ = _lattice(rng, height, width, 4.0, (1.0, 1.4), 0.5)
+    dark_rank = dots[rows, cols] + jitter + 10.0 * near_light[rows, cols]
+    dark_rank[light_at] = np.inf
+    dark_at = np.argsort(dark_rank)[:n_dark]
+    rest = np.ones(rows.size, bool)
+    rest[light_at] = rest[dark_at] = False
+    layout = np.empty_like(pixels)
+    for places, chosen in (
+        (dark_at, by_lightness[:n_dark]),
+        (np.nonzero(rest)[0], by_lightness[n_dark : rows.size - n_light]),
+        (light_at, by_lightness[rows.size - n_light :]),
+    ):
+        layout[places] = pixels[rng.permutation(chosen)]
+    image[rows, cols] = layout
 
 
 def _context_regions(
@@ -612,6 +644,42 @@ def _paint_tumour(
         _paint(image, region, _TUMOUR_CYTOPLASM * 0.85)
         ratio, draw = _lattice(rng, height, width, look.spacing, look.radius, look.jitter)
         _paint(image, region & (ratio < 1) & (draw < look.presence), _TUMOUR_NUCLEUS * 0.9)
+
+
+def _paint_glandular_tumour(
+    rng: np.random.Generator, image: np.ndarray, region: np.ndarray, pattern: int, noise: np.ndarray
+) -> None:
+    """The local and context tasks' tumour textures (:data:`_GLANDULAR_LOOKS`): pattern 3 small
+    separate glands, 4 fused cribriform cytoplasm with punched-out lumina, 5 solid sheets of dark
+    nuclei with small comedonecrosis; every lumen lined directly by dark nuclei."""
+    height, width = region.shape
+    _paint(image, region, _TUMOUR_STROMA)
+
+    def objects(look: _Look, where: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ratio, draw = _lattice(rng, height, width, look.spacing, look.radius, look.jitter)
+        return where & (draw < look.presence), ratio
+
+    if pattern == 3:
+        look = _GLANDULAR_LOOKS[3]
+        gland, ratio = objects(look, region)
+        ratio += 0.08 * noise
+        gland &= ratio < 1
+        _paint(image, gland, _TUMOUR_CYTOPLASM)
+    elif pattern == 4:
+        look = _GLANDULAR_LOOKS[4]
+        blob = region & (np.roll(noise, 11, axis=0) > -0.9)
+        _paint(image, blob, _TUMOUR_CYTOPLASM)
+        gland, ratio = objects(look, blob)
+        gland &= ratio < 1
+    else:
+        _paint(image, region, _TUMOUR_CYTOPLASM * 0.85)
+        sheet, ratio = objects(_GLANDULAR_LOOKS[5], region)
+        _paint(image, sheet & (ratio < 1), _TUMOUR_NUCLEUS * 0.9)
+        look = _GLANDULAR_LOOKS["comedo"]
+        gland, ratio = objects(look, region)
+        gland &= ratio < 1
+    _paint(image, gland & (ratio < look.rim), _TUMOUR_NUCLEUS * (0.9 if pattern == 5 else 1.0))
+    _paint(image, gland & (ratio < look.lumen), _TUMOUR_LUMEN)
 
 
 def _paint(image: np.ndarray, where: np.ndarray, colour: np.ndarray) -> None:

@@ -16,9 +16,8 @@ from repro.data.slides import open_slide
 from repro.data.synthetic import (
     CONTEXT_FOCUS,
     CONTEXT_GAP,
-    MIMIC_BLOCK,
     _context_regions,
-    _shuffle_blocks,
+    _rearrange_as_mimic,
     generate_synthetic_panda,
     render_biopsy,
     render_case,
@@ -158,21 +157,31 @@ def test_a_set_from_before_the_tasks_is_plain(raw_set, tmp_path):
 
 
 def test_mimics_match_tumour_in_colour_not_in_architecture():
-    """Local task: a mimic is the tumour's texture with its blocks shuffled (the same colours
-    exactly, another arrangement); negatives carry mimics, labelled stroma."""
+    """Local task: a mimic is the tumour's own pixels rearranged (the same colours exactly),
+    with no light pixel beside a dark one, where tumour lines its lumina with dark nuclei;
+    negatives carry mimics, labelled stroma."""
     pixels, labels = render_case(np.random.default_rng(3), 768, 384, 0, 0, "local")
     dark = (labels == 1) & (pixels.astype(int).sum(axis=2) < 450)
     assert dark.sum() > 500 and not (labels >= 3).any()
 
-    pixels, labels = render_case(np.random.default_rng(4), 768, 384, 3, 3, "local")
-    tumour = labels == 3
-    image = pixels.astype(np.float32)
-    mimic = image.copy()
-    _shuffle_blocks(np.random.default_rng(0), mimic, tumour, MIMIC_BLOCK)
-    assert (mimic[~tumour] == image[~tumour]).all()
-    before, after = image[tumour].reshape(-1, 3), mimic[tumour].reshape(-1, 3)
-    assert (np.sort(before, axis=0) == np.sort(after, axis=0)).all()  # same colours
-    assert np.abs(after - before).mean() > 20  # moved
+    def light_beside_dark(image: np.ndarray, region: np.ndarray) -> int:
+        lightness = image.mean(axis=2)
+        near_dark = ndimage.binary_dilation(lightness < 0.35, iterations=2)
+        return int((region & (lightness > 0.8) & near_dark).sum())
+
+    for pattern, seed in ((3, 4), (4, 5), (5, 6)):
+        pixels, labels = render_case(np.random.default_rng(seed), 768, 384, pattern, pattern, "local")
+        tumour = labels == pattern
+        image = pixels.astype(np.float32) / 255  # as drawn: RGB in [0, 1]
+        mimic = image.copy()
+        _rearrange_as_mimic(np.random.default_rng(0), mimic, tumour)
+        assert (mimic[~tumour] == image[~tumour]).all()
+        before, after = image[tumour].reshape(-1, 3), mimic[tumour].reshape(-1, 3)
+        assert (np.sort(before, axis=0) == np.sort(after, axis=0)).all()  # same colours
+        assert np.abs(after - before).mean() > 0.08  # moved
+        inner = ndimage.binary_erosion(tumour, iterations=3)  # away from the region's border
+        assert light_beside_dark(image, inner) > 20, pattern  # tumour: lumina lined by nuclei
+        assert light_beside_dark(mimic, inner) == 0, pattern
 
 
 def test_context_foci_apart_or_fused_inside_a_whole_fragment():
