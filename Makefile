@@ -46,6 +46,7 @@ benchmarks: install
 	$(PY) benchmarks/mil.py
 	$(PY) benchmarks/smoothgrad.py
 	$(PY) benchmarks/bootstrap.py
+	$(PY) benchmarks/learnability.py
 
 clean:
 	rm -rf runs
