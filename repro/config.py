@@ -113,6 +113,7 @@ class StreamingSettings:
     tile_size: int = 2800  # paper; must be a multiple of the streamed part's stride
     memory_budget_gb: float | None = None  # if set, the tile size is planned from this budget
     head_pool: Literal["max", "avg"] = "max"  # global max pooling (authors' code)
+    standardize_pooled: bool = False  # our choice for random init: see nn.resnet.PooledStandardize
 
 
 @dataclass
@@ -152,6 +153,7 @@ class MILSettings:
     window: int = 5
     oversample_negatives: bool = True
     calibrate_batchnorm_images: int = 0  # >0: frozen-BN stats from all patches of this many images
+    standardize_pooled: bool = False  # our choice for random init: see nn.resnet.PooledStandardize
     optimizer: Literal["sgd", "adam"] = "sgd"  # paper: SGD; adam: our choice for CPU demos
 
 

@@ -287,7 +287,13 @@ def build_model(params: Params, *, weights: str | bool | None = True) -> nn.Modu
     weights = params.mil.weights if weights is True else weights
     if weights not in (None, "imagenet"):
         weights = str(resolve_path(weights))
-    return build_resnet(params.mil.arch, weights=weights, num_classes=1, head_pool=HEAD_POOL)
+    return build_resnet(
+        params.mil.arch,
+        weights=weights,
+        num_classes=1,
+        head_pool=HEAD_POOL,
+        standardize_pooled=params.mil.standardize_pooled,
+    )
 
 
 def _made_with(params: Params) -> str:

@@ -261,6 +261,7 @@ def _build(params: Params, weights: str | None) -> nn.Module:
         tile_size=settings.tile_size,
         num_classes=1,
         head_pool=settings.head_pool,
+        standardize_pooled=settings.standardize_pooled,
     )
 
 

@@ -123,6 +123,45 @@ class ResNetClassifier(nn.Module):
         return _freeze_batchnorm(self)
 
 
+class PooledStandardize(nn.modules.batchnorm._BatchNorm):
+    """Per-feature ``(x - mean) / std`` of globally pooled features (N, C), with statistics
+    across images: a frozen batch norm without affine weights, between pooling and classifier.
+
+    Our choice for random initialisation (``streaming.standardize_pooled``,
+    ``mil.standardize_pooled``): randomly initialised features come with arbitrary offsets and
+    scales, which leave a linear classifier ill-conditioned. Its statistics are estimated with
+    the others by :func:`calibrate_batchnorm`; in training mode (calibration only: the models keep
+    batch norm in eval mode) it adds each batch's rows to its running mean and variance
+    (Chan et al.'s pairwise update), so one image per batch suffices.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__(num_features, eps=eps, momentum=None, affine=False)
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() != 2:
+            raise ValueError(f"expected pooled features (N, C), got shape {tuple(input.shape)}")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        if self.training:
+            self._accumulate(input.detach())
+        mean, var = self.running_mean, self.running_var
+        return (input - mean) / torch.sqrt(var + self.eps)
+
+    def _accumulate(self, rows: torch.Tensor) -> None:
+        count, added = int(self.num_batches_tracked), rows.shape[0]  # here: rows seen so far
+        total = count + added
+        batch_mean = rows.mean(dim=0)
+        batch_sq = ((rows - batch_mean) ** 2).sum(dim=0)
+        squares = self.running_var * (count - 1) if count > 1 else torch.zeros_like(batch_sq)
+        delta = batch_mean - self.running_mean
+        squares = squares + batch_sq + delta**2 * (count * added / total)
+        self.running_mean += delta * (added / total)
+        self.running_var.copy_(squares / max(total - 1, 1))
+        self.num_batches_tracked += added
+
+
 def _freeze_batchnorm(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -171,6 +210,7 @@ def build_streaming_resnet(
     tile_size: int | tuple[int, int] = 2800,
     num_classes: int = 1,
     head_pool: str = "max",
+    standardize_pooled: bool = False,
 ) -> StreamingResNet:
     """A torchvision ResNet with frozen batch norm, streamed up to ``stream_until``.
 
@@ -188,6 +228,7 @@ def build_streaming_resnet(
         tile_size: input tile size of the streamed part; 2800 as in the paper.
         num_classes: outputs of the linear classifier (1 for binary cancer vs. negative).
         head_pool: "max" or "avg" global pooling.
+        standardize_pooled: put a :class:`PooledStandardize` between pooling and classifier.
     """
     net = _torchvision_resnet(arch, weights, head_pool)
     stage, blocks = _split_point(stream_until, net)
@@ -201,7 +242,7 @@ def build_streaming_resnet(
     if blocks < len(named):
         head[f"layer{stage}"] = nn.Sequential(OrderedDict(named[blocks:]))
     head.update((f"layer{k}", getattr(net, f"layer{k}")) for k in range(stage + 1, 5))
-    head.update(_classifier(net, head_pool, num_classes))
+    head.update(_classifier(net, head_pool, num_classes, standardize_pooled))
     head = nn.Sequential(head)
     streaming = StreamingModule(nn.Sequential(streamed), tile_size, head=head)  # head: planning
     model = StreamingResNet(streaming, head, stream_until)
@@ -214,6 +255,7 @@ def build_resnet(
     weights: str | os.PathLike | None = None,
     num_classes: int = 1,
     head_pool: str = "avg",
+    standardize_pooled: bool = False,
 ) -> ResNetClassifier:
     """A torchvision ResNet with frozen batch norm, run conventionally (e.g. on patches).
 
@@ -223,11 +265,12 @@ def build_resnet(
             :func:`build_streaming_resnet`. The classifier is always newly initialised.
         num_classes: outputs of the linear classifier (1 for binary cancer vs. negative).
         head_pool: "avg" (torchvision's ResNet, as Campanella et al. use it) or "max".
+        standardize_pooled: put a :class:`PooledStandardize` between pooling and classifier.
     """
     net = _torchvision_resnet(arch, weights, head_pool)
     features = OrderedDict((name, getattr(net, name)) for name in _STEM)
     features.update((f"layer{k}", getattr(net, f"layer{k}")) for k in range(1, 5))
-    head = nn.Sequential(_classifier(net, head_pool, num_classes))
+    head = nn.Sequential(_classifier(net, head_pool, num_classes, standardize_pooled))
     return ResNetClassifier(Normalize(), nn.Sequential(features), head).train()
 
 
@@ -251,12 +294,15 @@ def _torchvision_resnet(
 
 
 def _classifier(
-    net: torchvision.models.ResNet, head_pool: str, num_classes: int
+    net: torchvision.models.ResNet, head_pool: str, num_classes: int, standardize: bool
 ) -> OrderedDict[str, nn.Module]:
-    """Global pooling, flatten and a new linear layer for ``net``'s features."""
+    """Global pooling, flatten, optionally :class:`PooledStandardize`, and a new linear layer."""
     pool = nn.AdaptiveMaxPool2d(1) if head_pool == "max" else nn.AdaptiveAvgPool2d(1)
-    fc = nn.Linear(net.fc.in_features, num_classes)
-    return OrderedDict([("pool", pool), ("flatten", nn.Flatten(1)), ("fc", fc)])
+    layers = OrderedDict([("pool", pool), ("flatten", nn.Flatten(1))])
+    if standardize:
+        layers["standardize"] = PooledStandardize(net.fc.in_features)
+    layers["fc"] = nn.Linear(net.fc.in_features, num_classes)
+    return layers
 
 
 def _set_streamed_trainable(model: StreamingResNet, trainable: bool) -> StreamingResNet:
@@ -283,7 +329,8 @@ def calibrate_batchnorm(
 
     For random initialisation, where frozen batch norm would otherwise normalise with mean 0 and
     variance 1. The network runs conventionally (not streamed) over ``images`` with batch norm in
-    training mode and ``momentum=None`` (cumulative average over the batches), without gradients.
+    training mode and ``momentum=None`` (cumulative average over the batches), without gradients;
+    a :class:`PooledStandardize` gets a second pass, over the network with the others frozen.
 
     Args:
         model: the model to calibrate in place.
@@ -291,27 +338,35 @@ def calibrate_batchnorm(
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [bn.momentum for bn in norms]
+    pooled = [bn for bn in norms if isinstance(bn, PooledStandardize)]
+    layers = [bn for bn in norms if not isinstance(bn, PooledStandardize)]
+    phases = [layers, pooled] if pooled else [layers]  # pooled: over the frozen network's features
     if isinstance(model, StreamingResNet):
         net = nn.Sequential(model.streamed.module, model.head)
     else:
         net = model
     param = next(model.parameters())
-    batches = 0
+    batches = list(images)
+    if not batches:
+        raise ValueError("calibrate_batchnorm needs at least one batch of images")
+    for batch in batches:
+        if not batch.is_floating_point():
+            raise TypeError(f"calibration images must be float in [0, 1], got {batch.dtype}")
     try:
         for bn in norms:
             bn.reset_running_stats()
             bn.momentum = None
-            bn.train()
-        for batch in images:
-            if not batch.is_floating_point():
-                raise TypeError(f"calibration images must be float in [0, 1], got {batch.dtype}")
-            net(batch.to(param.device, param.dtype))
-            batches += 1
+            bn.eval()
+        for phase in phases:
+            for bn in phase:
+                bn.train()
+            for batch in batches:
+                net(batch.to(param.device, param.dtype))
+            for bn in phase:
+                bn.eval()
     finally:
         for bn, momentum in zip(norms, momenta, strict=True):
             bn.momentum = momentum
             bn.eval()
-    if batches == 0:
-        raise ValueError("calibrate_batchnorm needs at least one batch of images")
-    logger.info("calibrated %d batch norm layers on %d batches", len(norms), batches)
+    logger.info("calibrated %d batch norm layers on %d batches", len(norms), len(batches))
     return model

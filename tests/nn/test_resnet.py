@@ -181,3 +181,46 @@ def test_calibrate_batchnorm_matches_hand_computed_statistics():
         calibrate_batchnorm(model, [torch.zeros(1, 3, 8, 8, dtype=torch.uint8)])
     with pytest.raises(ValueError, match="at least one"):
         calibrate_batchnorm(model, [])
+
+
+def test_pooled_standardize_statistics_across_images_one_at_a_time():
+    """Rows added in batches of 1, 3 and 5 give the mean and (unbiased) variance of all rows;
+    in eval mode the output is those rows standardised; frozen afterwards."""
+    from repro.nn.resnet import PooledStandardize
+
+    rows = torch.randn(9, 4, dtype=torch.float64) * torch.tensor([1.0, 3.0, 0.1, 10.0]) + 5
+    norm = PooledStandardize(4).double()
+    norm.reset_running_stats()
+    norm.train()
+    for batch in (rows[:1], rows[1:4], rows[4:]):
+        norm(batch)
+    assert torch.allclose(norm.running_mean, rows.mean(0), atol=1e-12)
+    assert torch.allclose(norm.running_var, rows.var(0), atol=1e-12)
+    norm.eval()
+    out = norm(rows)
+    assert torch.allclose(out.mean(0), torch.zeros(4, dtype=torch.float64), atol=1e-6)
+    expected = rows.var(0) / (rows.var(0) + norm.eps)
+    assert torch.allclose(out.var(0), expected, atol=1e-10)
+    with pytest.raises(ValueError, match="pooled features"):
+        norm(rows[None])
+
+
+def test_standardize_pooled_is_calibrated_with_batch_norm_and_frozen():
+    """calibrate_batchnorm, one image per batch, sets the head's standardisation to the pooled
+    features' statistics over those images; training mode leaves it untouched."""
+    torch.manual_seed(0)
+    model = build_streaming_resnet(
+        "resnet18", stream_until="layer1", tile_size=64, standardize_pooled=True
+    )
+    images = [torch.rand(1, 3, 64, 64) for _ in range(6)]
+    calibrate_batchnorm(model, images)
+    pooled = []
+    model.head.fc.register_forward_hook(lambda module, args, out: pooled.append(args[0]))
+    model.train()
+    with torch.no_grad():
+        for image in images:
+            model(image)
+    standardized = torch.cat(pooled)
+    assert torch.allclose(standardized.mean(0), torch.zeros(512), atol=1e-4)
+    assert torch.allclose(standardized.var(0), torch.ones(512), atol=1e-3)
+    assert model.head.standardize.num_batches_tracked.item() == 6  # not updated in train mode
