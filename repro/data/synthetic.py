@@ -43,9 +43,9 @@ What separates the classes is ``data.synthetic_task`` (:data:`repro.config.SYNTH
 ``local`` and ``context`` have no colour or thumbnail shortcut (``tests/data/test_shortcuts.py``:
 logistic regressions on colour statistics, colour histograms and a 16 x 8 thumbnail stay near
 chance); their tumour textures (:func:`_paint_glandular_tumour`) have larger glands, lumina and
-nuclei than ``plain``'s, so that the morphology survives at 0.96 um/px, and their level 0 is the drawn image enlarged by pixel
-replication (``plain``: bilinear), so reading it back at 0.96 um/px gives the drawn pixels and no
-blur treats tumour and mimic differently.
+nuclei than ``plain``'s, so that the morphology survives at 0.96 um/px, and their level 0 is the
+drawn image enlarged by pixel replication (``plain``: bilinear), so reading it back at 0.96 um/px
+gives the drawn pixels and no blur treats tumour and mimic differently.
 
 Tumour sizes are physical sizes, like the texture, so they do not shrink with the slide. The
 class balance follows PANDA Radboud roughly: a third negatives; positives with primary pattern 3,
@@ -132,7 +132,8 @@ class _Look:
     radius: tuple[float, float]
     jitter: float
     presence: float  # share of lattice objects drawn
-    rim: float = 0.0  # plain pattern 3: nuclei above this ratio; glandular: nuclei below it
+    rim: float = 0.0  # plain pattern 3: nuclei above this ratio
+    nuclei: float = 0.0  # glandular: nuclei below this ratio (lining the lumen)
     lumen: float = 0.0  # lumen below this ratio
 
 
@@ -143,10 +144,10 @@ _PLAIN_LOOKS = {
 }
 """Tumour textures of the ``plain`` task (the generator before issue 13, unchanged)."""
 _GLANDULAR_LOOKS = {
-    3: _Look(12.0, (4.2, 5.2), 0.8, 0.85, rim=0.75, lumen=0.4),  # separate glands
-    4: _Look(8.0, (2.6, 3.2), 0.6, 0.75, rim=1.0, lumen=0.5),  # cribriform lumina
+    3: _Look(12.0, (4.2, 5.2), 0.8, 0.85, nuclei=0.75, lumen=0.4),  # separate glands
+    4: _Look(8.0, (2.6, 3.2), 0.6, 0.75, nuclei=1.0, lumen=0.5),  # cribriform lumina
     5: _Look(5.0, (1.6, 2.2), 0.4, 0.9),  # the sheet's nuclei
-    "comedo": _Look(10.0, (1.5, 2.0), 1.0, 0.6, rim=1.0, lumen=0.55),  # pattern 5's necrosis
+    "comedo": _Look(10.0, (1.5, 2.0), 1.0, 0.6, nuclei=1.0, lumen=0.55),  # pattern 5's necrosis
 }
 """Tumour textures of the local and context tasks: every lumen is lined directly by dark
 nuclei (:func:`_paint_glandular_tumour`), the one arrangement a mimic never has."""
@@ -678,7 +679,7 @@ def _paint_glandular_tumour(
         look = _GLANDULAR_LOOKS["comedo"]
         gland, ratio = objects(look, region)
         gland &= ratio < 1
-    _paint(image, gland & (ratio < look.rim), _TUMOUR_NUCLEUS * (0.9 if pattern == 5 else 1.0))
+    _paint(image, gland & (ratio < look.nuclei), _TUMOUR_NUCLEUS * (0.9 if pattern == 5 else 1.0))
     _paint(image, gland & (ratio < look.lumen), _TUMOUR_LUMEN)
 
 
