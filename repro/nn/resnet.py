@@ -346,12 +346,8 @@ def calibrate_batchnorm(
     else:
         net = model
     param = next(model.parameters())
-    batches = list(images)
-    if not batches:
-        raise ValueError("calibrate_batchnorm needs at least one batch of images")
-    for batch in batches:
-        if not batch.is_floating_point():
-            raise TypeError(f"calibration images must be float in [0, 1], got {batch.dtype}")
+    images = list(images) if pooled else images  # only a second pass needs them held
+    batches = 0
     try:
         for bn in norms:
             bn.reset_running_stats()
@@ -360,13 +356,21 @@ def calibrate_batchnorm(
         for phase in phases:
             for bn in phase:
                 bn.train()
-            for batch in batches:
+            batches = 0
+            for batch in images:
+                if not batch.is_floating_point():
+                    raise TypeError(
+                        f"calibration images must be float in [0, 1], got {batch.dtype}"
+                    )
                 net(batch.to(param.device, param.dtype))
+                batches += 1
             for bn in phase:
                 bn.eval()
     finally:
         for bn, momentum in zip(norms, momenta, strict=True):
             bn.momentum = momentum
             bn.eval()
-    logger.info("calibrated %d batch norm layers on %d batches", len(norms), len(batches))
+    if batches == 0:
+        raise ValueError("calibrate_batchnorm needs at least one batch of images")
+    logger.info("calibrated %d batch norm layers on %d batches", len(norms), batches)
     return model
