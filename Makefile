@@ -21,7 +21,7 @@ test: install
 	$(PY) -m pytest -n 2 --dist loadfile
 
 demo: install
-	$(PY) -m repro run params/demo.yaml params/demo-half.yaml
+	$(PY) -m repro run params/demo.yaml
 	$(PY) -m repro.reporting.figures --summary figures
 
 # The context task (params/context.yaml): streaming vs MIL where one patch cannot decide.
@@ -30,7 +30,7 @@ context: install
 	$(PY) -m repro.reporting.figures --summary figures
 
 figures: install
-	$(PY) -m repro run params/demo.yaml params/demo-half.yaml --only 05,06,07 --force
+	$(PY) -m repro run params/demo.yaml --only 05,06,07 --force
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -30,9 +30,10 @@ What separates the classes is ``data.synthetic_task`` (:data:`repro.config.SYNTH
   regions are benign **mimics**; a negative gets a "phantom" grade and as many regions, of the
   same sizes and looks, all mimics. A mimic is the tumour texture of its pattern with its pixels
   rearranged (:func:`_rearrange_as_mimic`): exactly the tumour's pixels (its colours, its mean
-  colour), laid out as light spots and dark dots that never touch, like inflammation (Table
-  III's main false positives), where tumour lines every lumen with dark nuclei. Tumour and mimic
-  differ only in high-resolution morphology.
+  colour), laid out like inflammation (Table III's main false positives): dense dark dots, no
+  lumen inside, the light pixels as a thin retraction cleft along its border, never beside a
+  dark one; tumour lines every lumen with dark nuclei. Tumour and mimic differ only in
+  high-resolution morphology.
 - ``context``: one broad tissue fragment holding the same amount of one pattern's texture in two
   round foci :data:`CONTEXT_FOCUS` x the image height across (140 px in the demo's 384 px high
   images). Benign: the foci lie at least :data:`CONTEXT_GAP` x the height apart (96 px, more
@@ -104,9 +105,10 @@ CONTEXT_GAP = 0.25
 """Context task: least distance between benign foci, edge to edge (their noisy edges take up to
 a fifth of it), as a share of the image height (demo: 96 px, more than a 64 px MIL patch)."""
 _CONTEXT_TRIES = 50
-_GENERATOR_VERSIONS = {"plain": 1, "local": 2, "context": 2}
+_GENERATOR_VERSIONS = {"plain": 1, "local": 3, "context": 2}
 """Version of each task's drawing, recorded in ``synthetic.json``: a set drawn by an older one
-is refused (local and context 2: glandular textures, rearranged mimics)."""
+is refused (local and context 2: glandular textures, rearranged mimics; local 3: the mimic's
+light pixels along its border)."""
 _INFO_FILE = "synthetic.json"
 logger = logging.getLogger(__name__)
 
@@ -152,11 +154,11 @@ _GLANDULAR_LOOKS = {
 """Tumour textures of the local and context tasks: every lumen is lined directly by dark
 nuclei (:func:`_paint_glandular_tumour`), the one arrangement a mimic never has."""
 _MIMIC_LIGHT = 0.8
-"""Mimic: pixels lighter than this (mean RGB in [0, 1]; tumour lumina) are its light spots."""
+"""Mimic: pixels lighter than this (mean RGB in [0, 1]; tumour lumina) form its border cleft."""
 _MIMIC_DARK = 0.35
 """Mimic: pixels darker than this (tumour nuclei) are its dark dots."""
 _MIMIC_SEPARATION = 2
-"""Mimic: dark dots keep more than this many px (at 0.96 um/px) from every light spot."""
+"""Mimic: dark dots keep more than this many px (at 0.96 um/px) from every light pixel."""
 
 
 @dataclass(frozen=True)
@@ -538,11 +540,11 @@ def _rearrange_as_mimic(rng: np.random.Generator, image: np.ndarray, region: np.
     """Rearrange the pixels of ``region`` (a tumour texture) into a benign mimic, in place.
 
     The region keeps exactly its pixels (so its colour histogram and its mean colour), but they
-    are laid out anew: the light ones (lumina) as round spots, the dark ones (nuclei) as small
-    dots kept more than :data:`_MIMIC_SEPARATION` px from every light spot, the rest between
-    them, like inflammation or crowded benign cells. A tumour lines each lumen with dark nuclei;
-    the mimic never puts light and dark side by side, so only the high-resolution arrangement
-    tells them apart.
+    are laid out anew, like inflammation or crowded benign cells with a retraction cleft: the
+    light ones (lumina) along the region's border, the dark ones (nuclei) as small dots inside it
+    kept more than :data:`_MIMIC_SEPARATION` px from every light pixel, the rest between them.
+    A tumour lines each lumen with dark nuclei inside the region; the mimic has no light spot
+    inside, so only the high-resolution arrangement tells them apart.
     """
     rows, cols = np.nonzero(region)
     if rows.size == 0:
@@ -554,8 +556,9 @@ def _rearrange_as_mimic(rng: np.random.Generator, image: np.ndarray, region: np.
     n_dark = int((lightness < _MIMIC_DARK).sum())
     n_light = int((lightness > _MIMIC_LIGHT).sum())
     jitter = 1e-3 * rng.random(rows.size)  # ties broken at random
-    spots, _ = _lattice(rng, height, width, 9.0, (2.0, 3.0), 1.5)
-    light_at = np.argsort(spots[rows, cols] + jitter)[:n_light]
+    depth = ndimage.distance_transform_edt(region)[rows, cols]
+    cleft = _smooth_noise(rng, height, width, 8)[rows, cols]  # an irregular cleft
+    light_at = np.argsort(depth + 0.8 * cleft + jitter)[:n_light]
     near_light = np.zeros_like(region)
     near_light[rows[light_at], cols[light_at]] = True
     near_light = ndimage.binary_dilation(near_light, iterations=_MIMIC_SEPARATION)

@@ -158,8 +158,8 @@ def test_a_set_from_before_the_tasks_is_plain(raw_set, tmp_path):
 
 def test_mimics_match_tumour_in_colour_not_in_architecture():
     """Local task: a mimic is the tumour's own pixels rearranged (the same colours exactly),
-    with no light pixel beside a dark one, where tumour lines its lumina with dark nuclei;
-    negatives carry mimics, labelled stroma."""
+    with its light pixels along its border and none beside a dark one, where tumour lines its
+    lumina, inside the region, with dark nuclei; negatives carry mimics, labelled stroma."""
     pixels, labels = render_case(np.random.default_rng(3), 768, 384, 0, 0, "local")
     dark = (labels == 1) & (pixels.astype(int).sum(axis=2) < 450)
     assert dark.sum() > 500 and not (labels >= 3).any()
@@ -182,6 +182,10 @@ def test_mimics_match_tumour_in_colour_not_in_architecture():
         inner = ndimage.binary_erosion(tumour, iterations=3)  # away from the region's border
         assert light_beside_dark(image, inner) > 20, pattern  # tumour: lumina lined by nuclei
         assert light_beside_dark(mimic, inner) == 0, pattern
+        depth = ndimage.distance_transform_edt(tumour)
+        lumen_depths = [depth[tumour & (im.mean(axis=2) > 0.8)] for im in (image, mimic)]
+        assert (lumen_depths[0] > 3).sum() > 20, pattern  # tumour: lumina inside the region
+        assert lumen_depths[1].size == lumen_depths[0].size and (lumen_depths[1] <= 3).all()
 
 
 def test_context_foci_apart_or_fused_inside_a_whole_fragment():
