@@ -24,7 +24,7 @@ What separates the classes is ``data.synthetic_task`` (:data:`repro.config.SYNTH
   one or two tumour regions of the primary pattern and a smaller one of the secondary when it
   differs; negatives hold none. Tumour is then the only dark tissue, readable from colour alone
   (a logistic regression on colour statistics scores AUC 1.0): the set the training tests use
-  to check that learning works at all. In 1536 px slides (the demo set) tumour covers a median
+  to check that learning works at all. In 1536 px slides (the demo's size) tumour covers a median
   6% (2-17%) of the tissue.
 - ``local``: the dark regions of a cancer are its tumour as in ``plain``, and zero to two further
   regions are benign **mimics**; a negative gets a "phantom" grade and as many regions, of the
