@@ -33,7 +33,7 @@ from repro.layout import PandaLayout, PreparedLayout, RunLayout
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS_FILE = PROJECT_ROOT / "params" / "demo.yaml"
 
-STREAM_STRIDE = {"layer3": 16, "layer4.0": 32}
+STREAM_STRIDE = {"layer2": 8, "layer3": 16, "layer4.0": 32}
 """Total stride of the streamed part of a ResNet, by the last streamed layer."""
 
 SyntheticTask = Literal["plain", "local", "context"]
@@ -109,7 +109,7 @@ class StreamingSettings:
 
     arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet34"
     weights: str | None = "imagenet"  # "imagenet", a path to a state_dict, or null (random)
-    stream_until: Literal["layer3", "layer4.0"] = "layer3"  # conv1..layer3 = first 28 layers
+    stream_until: Literal["layer2", "layer3", "layer4.0"] = "layer3"  # paper: first 28 layers
     tile_size: int = 2800  # paper; must be a multiple of the streamed part's stride
     memory_budget_gb: float | None = None  # if set, the tile size is planned from this budget
     head_pool: Literal["max", "avg"] = "max"  # global max pooling (authors' code)

@@ -35,7 +35,11 @@ def torchvision_name(name: str) -> str:
 
 @pytest.mark.parametrize(
     ("stream_until", "head_pool", "shape", "tile"),
-    [("layer3", "max", (1, 3, 130, 700), 900), ("layer4.0", "avg", (1, 3, 650, 100), 900)],
+    [
+        ("layer2", "max", (1, 3, 300, 180), 160),
+        ("layer3", "max", (1, 3, 130, 700), 900),
+        ("layer4.0", "avg", (1, 3, 650, 100), 900),
+    ],
 )
 def test_model_equals_torchvision_network(tmp_path, stream_until, head_pool, shape, tile):
     ref_net = torchvision_reference("resnet18", 2, head_pool).double()
@@ -67,7 +71,11 @@ def test_model_equals_torchvision_network(tmp_path, stream_until, head_pool, sha
 
 @pytest.mark.parametrize(
     ("stream_until", "out_size", "channels", "head_first"),
-    [("layer3", 1024, 256, "layer4"), ("layer4.0", 512, 512, "layer4")],
+    [
+        ("layer2", 2048, 128, "layer3"),
+        ("layer3", 1024, 256, "layer4"),
+        ("layer4.0", 512, 512, "layer4"),
+    ],
 )
 def test_split_point(stream_until, out_size, channels, head_first):
     model = build_streaming_resnet("resnet34", stream_until=stream_until)
