@@ -1,8 +1,9 @@
 """How much of a synthetic task's label random frozen features carry, layer by layer.
 
-Stage 1 of the streaming schedule trains only the head (layer4 and the classifier) on the frozen
-streamed part (conv1..layer3); from random initialisation that part is a random feature
-extractor, so what its features carry bounds what stage 1 can learn. For each task this draws
+Stage 1 of the streaming schedule trains only the head on the frozen streamed part (the paper's
+split: layer4 and the classifier on conv1..layer3; the demo's: layer3 onward on conv1..layer2);
+from random initialisation that part is a random feature extractor, so what its features carry
+bounds what stage 1 can learn. For each task this draws
 ``--images`` biopsies at 0.96 um/px (:func:`repro.data.synthetic.render_case`), runs the demo's
 network (a randomly initialised ResNet-18; input normalisation and batch norm estimated from the
 first 8 images, where the pipeline takes its normalisation from the whole training split) over

@@ -93,6 +93,7 @@ def test_float_field_rejects_other_strings(tmp_path):
     [
         ("streaming:\n  tile_size: 2801\n", "streaming.tile_size: must be a positive multiple"),
         ("streaming:\n  stream_until: layer4.0\n  tile_size: 2800\n", "stride 32"),
+        ("streaming:\n  stream_until: layer2\n  tile_size: 2804\n", "stride 8"),
         ("train:\n  epochs: three\n", "train.epochs: expected int, got 'three'"),
         ("streaming:\n  arch: resnet35\n", "streaming.arch: must be one of"),
         ("data:\n  synthetic_task: global\n", "data.synthetic_task: must be one of 'plain'"),
