@@ -3,13 +3,12 @@
 Stage 1 of the streaming schedule trains only the head on the frozen streamed part (the paper's
 split: layer4 and the classifier on conv1..layer3; the demo's: layer3 onward on conv1..layer2);
 from random initialisation that part is a random feature extractor, so what its features carry
-bounds what stage 1 can learn. For each task this draws
-``--images`` biopsies at 0.96 um/px (:func:`repro.data.synthetic.render_case`), runs the demo's
-network (a randomly initialised ResNet-18; input normalisation and batch norm estimated from the
-first 8 images, where the pipeline takes its normalisation from the whole training split) over
-the whole images, max-pools each stage's output over the image (the head's global max pooling),
-and scores a 5-fold cross-validated, strongly regularised logistic regression on those features
-(ROC AUC).
+bounds what stage 1 can learn. For each task this draws ``--images`` biopsies at 0.96 um/px
+(:func:`repro.data.synthetic.render_case`), runs the demo's network (a randomly initialised
+ResNet-18; input normalisation and batch norm estimated from the first 8 images, where the
+pipeline takes its normalisation from the whole training split) over the whole images, max-pools
+each stage's output over the image (the head's global max pooling), and scores a 5-fold
+cross-validated, strongly regularised logistic regression on those features (ROC AUC).
 
 Read the table as: plain's label is in every layer (colour); a task whose AUC falls with depth
 is learnable from early features but not by stage 1 on random ones.
